@@ -1,0 +1,55 @@
+"""tokred-core: the reducer interface, the registry, shared numerics and baseline reducers.
+
+Everything a token reducer needs that is not specific to one model family lives here and depends only on
+PyTorch. ``tokred.vlm`` (ApET, transformers VLMs) and ``tokred.mamba`` (MTR, Vision Mamba) build on it.
+
+Example:
+    >>> import torch
+    >>> from tokred.core import create_reducer
+    >>> tokens = torch.randn(2, 576, 64)                    # (B, N, C)
+    >>> reduction = create_reducer("tome", num_keep=64)(tokens)
+    >>> reduction.tokens.shape                              # (B, K, C)
+    torch.Size([2, 64, 64])
+"""
+
+from importlib import metadata as _metadata
+
+from tokred.core import reducers as _reducers  # registers the baselines
+from tokred.core.budget import Budget
+from tokred.core.errors import BudgetError, PluginLoadError, RegistryError, TokredError, UnknownReducerError
+from tokred.core.reducer import Reducer, select_top
+from tokred.core.reduction import Reduction
+from tokred.core.registry import (
+    ReducerInfo,
+    available_reducers,
+    create_reducer,
+    get_reducer_class,
+    reducer_info,
+    register_reducer,
+)
+
+try:
+    __version__ = _metadata.version("tokred-core")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+del _reducers
+
+__all__ = [
+    "Budget",
+    "BudgetError",
+    "PluginLoadError",
+    "Reducer",
+    "ReducerInfo",
+    "Reduction",
+    "RegistryError",
+    "TokredError",
+    "UnknownReducerError",
+    "__version__",
+    "available_reducers",
+    "create_reducer",
+    "get_reducer_class",
+    "reducer_info",
+    "register_reducer",
+    "select_top",
+]

@@ -1,0 +1,103 @@
+"""Farthest-point sampling over batched token sets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from tokred.core.ops._checks import check_float, check_rank, compute_dtype
+
+__all__ = ["farthest_point_sampling"]
+
+
+def farthest_point_sampling(
+    points: torch.Tensor,
+    num_samples: int,
+    *,
+    start: int | torch.Tensor = 0,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy farthest-point sampling: each pick maximises its distance to the points already picked.
+
+    Starting from ``start``, repeatedly pick the point whose minimum distance to the picked set is largest.
+    Ties go to the lower position, and a point is never picked twice, even when many points coincide (the
+    rank-deficient case), so exactly ``num_samples`` distinct indices come back.
+
+    Args:
+        points: Tokens of shape ``(B, N, C)``.
+        num_samples: ``k``, how many points to pick, ``1 <= k <= N``.
+        start: Index of the first pick: one int for every row, or a long tensor of shape ``(B,)``.
+        metric: ``"euclidean"`` (squared L2 distance, as in ApET) or ``"cosine"`` (``1 - cos``, as in
+            DivPrune's max–min diversity).
+        valid: Optional bool mask of shape ``(B, N)``; points where it is False are never picked. The start
+            point must be valid. A row with fewer than ``k`` valid points fills its remaining picks with -1.
+
+    Returns:
+        Long tensor of shape ``(B, k)`` in pick order (the first column is ``start``).
+
+    Example:
+        >>> import torch
+        >>> from tokred.core.ops import farthest_point_sampling
+        >>> x = torch.tensor([[[0.0], [1.0], [10.0], [4.0]]])
+        >>> farthest_point_sampling(x, 3)
+        tensor([[0, 2, 3]])
+    """
+    check_rank("points", points, 3, "(B, N, C)")
+    check_float("points", points)
+    batch, num_points, _ = points.shape
+    device = points.device
+    if valid is not None:
+        check_rank("valid", valid, 2, "(B, N)")
+        if valid.shape != (batch, num_points) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor of shape {(batch, num_points)}; got {valid.dtype} "
+                             f"{tuple(valid.shape)}")
+    if not 1 <= num_samples <= num_points:
+        raise ValueError(f"num_samples must be between 1 and N={num_points}; got {num_samples}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine'; got {metric!r}")
+
+    rows = torch.arange(batch, device=device)
+    if isinstance(start, torch.Tensor):
+        if start.shape != (batch,):
+            raise ValueError(f"start must be an int or a tensor of shape ({batch},); got {tuple(start.shape)}")
+        current = start.to(device=device, dtype=torch.long)
+    else:
+        current = torch.full((batch,), int(start), dtype=torch.long, device=device)
+    if bool(((current < 0) | (current >= num_points)).any()):
+        raise ValueError(f"start must index a point in [0, {num_points}); got {start}")
+    if valid is not None and not bool(valid[rows, current].all()):
+        raise ValueError("start must be a valid point in every row")
+
+    if metric == "cosine":
+        # Normalised once, so each step is one dot product instead of a full similarity matrix.
+        unit = points.to(compute_dtype(points))
+        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        feats = unit
+    else:
+        feats = points.to(compute_dtype(points))
+
+    min_dist = torch.full((batch, num_points), float("inf"), dtype=feats.dtype, device=device)
+    if valid is not None:
+        min_dist = min_dist.masked_fill(~valid, float("-inf"))
+    picks = torch.empty((batch, num_samples), dtype=torch.long, device=device)
+    exhausted = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(num_samples):
+        picks[:, step] = current.masked_fill(exhausted, -1)
+        # -inf marks "already picked": coincident points then never win the argmax a second time.
+        min_dist[rows, current] = float("-inf")
+        if step + 1 == num_samples:
+            break
+        chosen = feats[rows, current].unsqueeze(1)  # (B, 1, C)
+        if metric == "cosine":
+            dist = 1.0 - (feats * chosen).sum(dim=-1)
+        else:
+            dist = (feats - chosen).pow(2).sum(dim=-1)
+        min_dist = torch.minimum(min_dist, dist)
+        current = min_dist.argmax(dim=1)  # documented to return the first of tied maxima
+        best = min_dist.amax(dim=1)
+        exhausted = best == float("-inf")  # only possible with a valid mask
+    return picks
+
+

@@ -1,0 +1,37 @@
+"""``random``: keep a uniformly random subset of tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from tokred.core.reducer import Reducer, select_top
+from tokred.core.reduction import Reduction
+from tokred.core.registry import register_reducer
+
+__all__ = ["RandomReducer"]
+
+
+@register_reducer("random")
+class RandomReducer(Reducer):
+    """Keep a uniformly random subset of the tokens (seeded): the floor every method must beat.
+
+    The draws come from the reducer's own generator on the CPU, so a given ``seed`` gives the same
+    sequence of subsets on every device and is unaffected by other code using the global RNG. Each call
+    advances the generator, so successive images get different subsets.
+
+    Args:
+        num_keep: Tokens kept per set.
+        keep_ratio: Fraction of tokens kept.
+        seed: Seed of the reducer's generator; None draws from PyTorch's global generator.
+    """
+
+    stochastic = True
+
+    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None, seed: int | None = None):
+        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
+        self.seed = seed
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+        noise = torch.rand(tokens.shape[:2], generator=self._generator).to(tokens.device)  # (B, N)
+        return Reduction.from_selection(tokens, select_top(noise, num_keep, protected), sizes)
