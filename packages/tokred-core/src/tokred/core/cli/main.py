@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
-        return 2 if argv is None or len(argv) == 0 else 0
+        return 2  # a missing subcommand is a usage error, as argparse treats an unknown one
     return int(func(args) or 0)
 
 

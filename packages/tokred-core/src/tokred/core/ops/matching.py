@@ -16,13 +16,15 @@ _NO_DESTINATION = -2.0
 
 
 class BipartiteMatch(NamedTuple):
-    """The pairs chosen by :func:`bipartite_soft_matching`, as original token positions.
+    """The pairs chosen by :func:`bipartite_soft_matching`, as token positions.
 
     Attributes:
-        sources: Long tensor ``(B, r)``: the tokens that disappear.
-        destinations: Long tensor ``(B, r)``: the token each source merges into, or ``-1`` where the row had
-            no destination left and the source is simply dropped.
-        similarity: Tensor ``(B, r)``: the cosine similarity of each pair (``-2`` for a drop).
+        sources: Long tensor ``(B, R)`` with ``R = max r``: the tokens that disappear, by descending
+            similarity; ``-1`` pads rows that remove fewer than ``R``.
+        destinations: Long tensor ``(B, R)``: the token each source merges into; ``-1`` where the source is
+            simply dropped (its row had no destination left) and in padding.
+        similarity: Tensor ``(B, R)``: the cosine similarity of each pair (``-2`` for a drop, ``-inf`` for
+            padding).
     """
 
     sources: torch.Tensor
@@ -31,24 +33,33 @@ class BipartiteMatch(NamedTuple):
 
 
 def bipartite_soft_matching(
-    tokens: torch.Tensor, r: int, *, protected: torch.Tensor | None = None
+    tokens: torch.Tensor, r: int | torch.Tensor, *, protected: torch.Tensor | None = None
 ) -> BipartiteMatch:
     """ToMe's bipartite soft matching: pick the ``r`` most redundant tokens and the token each merges into.
 
     The unprotected tokens of each row are split alternately, by their order, into a source set A (1st, 3rd,
     …) and a destination set B (2nd, 4th, …). Every A token finds its most cosine-similar B token, and the ``r``
     A tokens with the highest such similarity are chosen. Protected tokens are neither sources nor
-    destinations, so they come through untouched. A row whose unprotected tokens cannot fill both sets (a
-    single unprotected token) drops that token with destination ``-1``.
+    destinations, so they come through untouched (pass already-removed tokens as protected too). A row whose
+    unprotected tokens cannot fill both sets (a single unprotected token) drops that token with destination
+    ``-1``.
 
     Args:
         tokens: Tokens of shape ``(B, N, C)`` (ToMe uses attention keys; any features work).
-        r: Tokens to remove per row, ``0 <= r <= min_b ceil(U_b / 2)`` where ``U_b`` counts the unprotected
-            tokens of row ``b``.
+        r: Tokens to remove: one int for every row or a long tensor ``(B,)``, with ``0 <= r_b <= ceil(U_b / 2)``
+            where ``U_b`` counts the unprotected tokens of row ``b``.
         protected: Optional bool mask of shape ``(B, N)``.
 
     Returns:
-        A :class:`BipartiteMatch`; sources are sorted by descending similarity.
+        A :class:`BipartiteMatch`.
+
+    Example:
+        >>> import torch
+        >>> from tokred.core.ops import bipartite_soft_matching
+        >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]]])
+        >>> match = bipartite_soft_matching(x, 1)
+        >>> match.sources, match.destinations
+        (tensor([[0]]), tensor([[1]]))
     """
     check_rank("tokens", tokens, 3, "(B, N, C)")
     check_float("tokens", tokens)
@@ -59,10 +70,12 @@ def bipartite_soft_matching(
     elif protected.shape != (batch, num_tokens) or protected.dtype != torch.bool:
         raise ValueError(f"protected must be a bool tensor of shape {(batch, num_tokens)}")
     free = ~protected
-    num_free = free.sum(dim=1)
-    max_r = int(((num_free + 1) // 2).min()) if batch else 0
-    if not 0 <= r <= max_r:
-        raise ValueError(f"r must be between 0 and {max_r} (half the unprotected tokens of the fullest row); got {r}")
+    num_src = (free.sum(dim=1) + 1) // 2  # size of A per row
+    per_row = torch.as_tensor(r, dtype=torch.long, device=device).expand(batch)
+    if bool(((per_row < 0) | (per_row > num_src)).any()):
+        raise ValueError(f"r must lie between 0 and half the unprotected tokens of its row "
+                         f"({num_src.tolist()}); got {per_row.tolist()}")
+    max_r = int(per_row.max()) if batch else 0
 
     rank = free.long().cumsum(dim=1) - 1  # order among the unprotected tokens of the row
     is_src = free & (rank % 2 == 0)
@@ -74,7 +87,12 @@ def bipartite_soft_matching(
     # Sources of a row without destinations are dropped; everything that is not a source ranks last.
     score = torch.where(is_src & has_dst, best_sim, torch.full_like(best_sim, _NO_DESTINATION))
     score = score.masked_fill(~is_src, float("-inf"))
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # (B, r)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :max_r]  # (B, R)
     chosen_sim = score.gather(1, order)
     chosen_dst = torch.where(has_dst, best_dst.gather(1, order), torch.full_like(order, -1))
-    return BipartiteMatch(order, chosen_dst, chosen_sim)
+    padding = torch.arange(max_r, device=device).unsqueeze(0) >= per_row.unsqueeze(1)
+    return BipartiteMatch(
+        order.masked_fill(padding, -1),
+        chosen_dst.masked_fill(padding, -1),
+        chosen_sim.masked_fill(padding, float("-inf")),
+    )
