@@ -132,6 +132,9 @@ def test_fps_matches_brute_force(metric):
     picks = farthest_point_sampling(points, 10, start=torch.tensor([0, 5, 39]), metric=metric)
     for row, start in enumerate([0, 5, 39]):
         assert picks[row].tolist() == fps_brute_force(points[row], 10, start, metric)
+    distances = 1 - cosine_similarity(points) if metric == "cosine" else torch.cdist(points, points).pow(2)
+    precomputed = farthest_point_sampling(distances, 10, start=torch.tensor([0, 5, 39]), metric="precomputed")
+    assert torch.equal(precomputed, picks)
 
 
 def test_fps_identical_points_give_distinct_picks():

@@ -16,7 +16,7 @@ def farthest_point_sampling(
     num_samples: int,
     *,
     start: int | torch.Tensor = 0,
-    metric: Literal["euclidean", "cosine"] = "euclidean",
+    metric: Literal["euclidean", "cosine", "precomputed"] = "euclidean",
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy farthest-point sampling: each pick maximises its distance to the points already picked.
@@ -26,11 +26,13 @@ def farthest_point_sampling(
     rank-deficient case), so exactly ``num_samples`` distinct indices come back.
 
     Args:
-        points: Tokens of shape ``(B, N, C)``.
+        points: Tokens of shape ``(B, N, C)``, or pairwise distances ``(B, N, N)`` with
+            ``metric="precomputed"``.
         num_samples: ``k``, how many points to pick, ``1 <= k <= N``.
         start: Index of the first pick: one int for every row, or a long tensor of shape ``(B,)``.
-        metric: ``"euclidean"`` (squared L2 distance, as in ApET) or ``"cosine"`` (``1 - cos``, as in
-            DivPrune's max–min diversity).
+        metric: ``"euclidean"`` (squared L2 distance, as in ApET), ``"cosine"`` (``1 - cos``, as in
+            DivPrune's max–min diversity), or ``"precomputed"`` when ``points`` already holds the distances
+            (each step is then a row lookup, the fastest choice when the matrix exists anyway).
         valid: Optional bool mask of shape ``(B, N)``; points where it is False are never picked. The start
             point must be valid. A row with fewer than ``k`` valid points fills its remaining picks with -1.
 
@@ -55,8 +57,10 @@ def farthest_point_sampling(
                              f"{tuple(valid.shape)}")
     if not 1 <= num_samples <= num_points:
         raise ValueError(f"num_samples must be between 1 and N={num_points}; got {num_samples}")
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric must be 'euclidean' or 'cosine'; got {metric!r}")
+    if metric not in ("euclidean", "cosine", "precomputed"):
+        raise ValueError(f"metric must be 'euclidean', 'cosine' or 'precomputed'; got {metric!r}")
+    if metric == "precomputed" and points.shape[2] != num_points:
+        raise ValueError(f"precomputed distances must have shape (B, N, N); got {tuple(points.shape)}")
 
     rows = torch.arange(batch, device=device)
     if isinstance(start, torch.Tensor):
@@ -70,14 +74,11 @@ def farthest_point_sampling(
     if valid is not None and not bool(valid[rows, current].all()):
         raise ValueError("start must be a valid point in every row")
 
+    feats = points.to(compute_dtype(points))
     if metric == "cosine":
-        # Normalised once, so each step is one dot product instead of a full similarity matrix.
-        unit = points.to(compute_dtype(points))
-        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        feats = unit
-    else:
-        feats = points.to(compute_dtype(points))
-
+        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    elif metric == "euclidean":
+        sq_norms = feats.pow(2).sum(dim=-1)  # (B, N)
     min_dist = torch.full((batch, num_points), float("inf"), dtype=feats.dtype, device=device)
     if valid is not None:
         min_dist = min_dist.masked_fill(~valid, float("-inf"))
@@ -89,11 +90,16 @@ def farthest_point_sampling(
         min_dist[rows, current] = float("-inf")
         if step + 1 == num_samples:
             break
-        chosen = feats[rows, current].unsqueeze(1)  # (B, 1, C)
-        if metric == "cosine":
-            dist = 1.0 - (feats * chosen).sum(dim=-1)
+        # One matrix-vector product per step instead of materialising (B, N, C) differences: the step then
+        # reads the tokens once, which is what bounds FPS on a CPU.
+        if metric == "precomputed":
+            dist = feats[rows, current]  # (B, N)
+        elif metric == "cosine":
+            dist = 1.0 - torch.bmm(feats, feats[rows, current].unsqueeze(-1)).squeeze(-1)  # (B, N)
         else:
-            dist = (feats - chosen).pow(2).sum(dim=-1)
+            dots = torch.bmm(feats, feats[rows, current].unsqueeze(-1)).squeeze(-1)  # (B, N)
+            # |x - y|^2 = |x|^2 - 2 x.y + |y|^2; the clamp absorbs rounding below zero for coincident points.
+            dist = (sq_norms - 2.0 * dots + sq_norms[rows, current].unsqueeze(1)).clamp_min(0.0)
         min_dist = torch.minimum(min_dist, dist)
         current = min_dist.argmax(dim=1)  # documented to return the first of tied maxima
         best = min_dist.amax(dim=1)

@@ -46,7 +46,7 @@ class DivPruneReducer(Reducer):
         max_pick = int(num_pick.max())
         if max_pick == 0:
             return Reduction.from_selection(tokens, torch.nonzero(protected)[:, 1].reshape(batch, num_keep), sizes)
-        picks = farthest_point_sampling(tokens, max_pick, start=start, metric="cosine", valid=free)  # (B, M)
+        picks = farthest_point_sampling(distance, max_pick, start=start, metric="precomputed", valid=free)  # (B, M)
         # Rows with more protected tokens need fewer picks: keep each row's first num_pick.
         wanted = torch.arange(max_pick, device=tokens.device).unsqueeze(0) < num_pick.unsqueeze(1)
         hits = torch.zeros((batch, num_tokens), dtype=torch.int32, device=tokens.device)
