@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from tokred.core import create_reducer
 from tokred.core.ops import (
     assign_to_nearest,
@@ -98,8 +97,10 @@ def main() -> None:
         reducer = create_reducer(name, num_keep=k, **kwargs)
         cases.append((f"reducer `{name}`", f"K={k}", lambda reducer=reducer: reducer(tokens)))
 
-    print(f"tokred-core numerics: B={b}, N={n}, C={c}, {args.dtype} on {device}"
-          f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(
+        f"tokred-core numerics: B={b}, N={n}, C={c}, {args.dtype} on {device}"
+        f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
+    )
     print()
     print("| operation | setting | median ms | ms per set |")
     print("|---|---|---:|---:|")

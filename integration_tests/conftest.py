@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from tokred.core.registry import REDUCERS
 
 

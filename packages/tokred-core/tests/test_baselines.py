@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from tokred.core import create_reducer
 from tokred.core.testing import make_tokens
 
@@ -50,8 +49,7 @@ def divprune_brute_force(tokens, k):
     start = max(range(n), key=lambda i: (min(dist[i][j] for j in range(n) if j != i), -i))
     chosen = [start]
     while len(chosen) < k:
-        best = max((i for i in range(n) if i not in chosen),
-                   key=lambda i: (min(dist[i][j] for j in chosen), -i))
+        best = max((i for i in range(n) if i not in chosen), key=lambda i: (min(dist[i][j] for j in chosen), -i))
         chosen.append(best)
     return sorted(chosen)
 

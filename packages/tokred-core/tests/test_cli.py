@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from tokred.core.cli import build_parser, main
 
 

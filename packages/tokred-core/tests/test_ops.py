@@ -5,7 +5,6 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tokred.core.ops import (
     assign_to_nearest,
     bipartite_soft_matching,
@@ -108,6 +107,7 @@ def test_projection_residual_of_basis_tokens_is_zero():
 
 def fps_brute_force(points, k, start, metric="euclidean"):
     """A plain Python loop: pick the unpicked point with the largest min distance, ties to the lowest index."""
+
     def dist(a, b):
         if metric == "cosine":
             return 1.0 - F.cosine_similarity(a, b, dim=0).item()

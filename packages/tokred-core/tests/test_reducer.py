@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tokred.core import Budget, BudgetError, Reducer, Reduction, create_reducer, select_top
 
 
@@ -24,17 +23,25 @@ class ScoreKeeper(Reducer):
         return Reduction.from_selection(tokens, select_top(scores, num_keep, protected), sizes)
 
 
-@pytest.mark.parametrize(("ratio", "num_tokens", "expected"), [(0.5, 7, 4), (0.25, 2, 1), (0.001, 576, 1),
-                                                                (1 / 9, 576, 64), (1.0, 13, 13)])
+@pytest.mark.parametrize(
+    ("ratio", "num_tokens", "expected"), [(0.5, 7, 4), (0.25, 2, 1), (0.001, 576, 1), (1 / 9, 576, 64), (1.0, 13, 13)]
+)
 def test_keep_ratio_rounds_half_up_and_keeps_at_least_one(ratio, num_tokens, expected):
     assert Budget(keep_ratio=ratio).resolve(num_tokens) == expected
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({}, "exactly one"), ({"num_keep": 1, "keep_ratio": 0.5}, "exactly one"), ({"num_keep": 0}, ">= 1"),
-     ({"num_keep": 2.5}, "must be an int"), ({"num_keep": True}, "must be an int"),
-     ({"keep_ratio": 0}, r"\(0, 1\]"), ({"keep_ratio": 1.01}, r"\(0, 1\]"), ({"keep_ratio": "half"}, "number")],
+    [
+        ({}, "exactly one"),
+        ({"num_keep": 1, "keep_ratio": 0.5}, "exactly one"),
+        ({"num_keep": 0}, ">= 1"),
+        ({"num_keep": 2.5}, "must be an int"),
+        ({"num_keep": True}, "must be an int"),
+        ({"keep_ratio": 0}, r"\(0, 1\]"),
+        ({"keep_ratio": 1.01}, r"\(0, 1\]"),
+        ({"keep_ratio": "half"}, "number"),
+    ],
 )
 def test_bad_budgets_raise_budget_error(kwargs, match):
     with pytest.raises(BudgetError, match=match):
@@ -77,7 +84,7 @@ def test_bad_sizes_and_devices_are_rejected():
         KeepFirst(num_keep=2)(tokens, sizes=torch.ones(1, 3))
     with pytest.raises(ValueError, match="finite and positive"):
         KeepFirst(num_keep=2)(tokens, sizes=torch.tensor([[1.0, 0.0, 1.0, 1.0]]))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch.Tensor"):
         KeepFirst(num_keep=2)(tokens.tolist())
 
 

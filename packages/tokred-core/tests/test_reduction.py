@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tokred.core import Reduction, create_reducer
 from tokred.core.testing import make_tokens
 
@@ -87,5 +86,10 @@ def test_identity_keeps_everything():
 
 def test_inconsistent_fields_are_rejected():
     with pytest.raises(ValueError, match="inconsistent Reduction"):
-        Reduction(torch.zeros(1, 3, 2), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
-                  torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4))
+        Reduction(
+            torch.zeros(1, 3, 2),
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.ones(1, 2),
+            torch.zeros(1, 4, dtype=torch.long),
+            torch.ones(1, 4),
+        )

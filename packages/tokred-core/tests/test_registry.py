@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tokred.core import (
     Reducer,
     Reduction,
@@ -51,7 +50,7 @@ def test_register_create_and_describe(scratch_name):
 
 def test_duplicate_registration_is_an_error(scratch_name):
     register_reducer(scratch_name)(make_class())
-    with pytest.raises(RegistryError, match="already registered.*another name"):
+    with pytest.raises(RegistryError, match=r"already registered.*another name"):
         register_reducer(scratch_name)(make_class("Another class.", qualname="Other"))
     with pytest.raises(RegistryError, match="already registered"):
         register_reducer("tome")(make_class(qualname="NotToMe"))
@@ -83,7 +82,7 @@ def test_only_reducers_can_be_registered():
 
 
 def test_unknown_name_lists_known_reducers():
-    with pytest.raises(UnknownReducerError, match="unknown reducer 'nope'.*divprune, norm, random, tome, uniform"):
+    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'nope'.*divprune, norm, random, tome, uniform"):
         create_reducer("nope", num_keep=3)
     with pytest.raises(LookupError):
         get_reducer_class("nope")

@@ -35,8 +35,9 @@ class Budget:
 
     def __init__(self, num_keep: int | None = None, keep_ratio: float | None = None) -> None:
         if (num_keep is None) == (keep_ratio is None):
-            raise BudgetError(f"give exactly one of num_keep and keep_ratio; got num_keep={num_keep!r}, "
-                              f"keep_ratio={keep_ratio!r}")
+            raise BudgetError(
+                f"give exactly one of num_keep and keep_ratio; got num_keep={num_keep!r}, keep_ratio={keep_ratio!r}"
+            )
         if num_keep is not None:
             if isinstance(num_keep, bool) or not isinstance(num_keep, numbers.Integral):
                 raise BudgetError(f"num_keep must be an int; got {num_keep!r}")

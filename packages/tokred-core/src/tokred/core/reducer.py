@@ -7,7 +7,6 @@ import inspect
 from typing import Any, ClassVar
 
 import torch
-
 from tokred.core.budget import Budget
 from tokred.core.errors import BudgetError
 from tokred.core.ops.selection import topk_indices
@@ -94,14 +93,18 @@ class Reducer(abc.ABC):
         if protected is not None:
             most_protected = int(protected_mask.sum(dim=1).max())
             if most_protected > num_keep:
-                raise BudgetError(f"{most_protected} protected tokens exceed the budget of {num_keep} tokens; "
-                                  "raise num_keep / keep_ratio or protect fewer tokens")
+                raise BudgetError(
+                    f"{most_protected} protected tokens exceed the budget of {num_keep} tokens; "
+                    "raise num_keep / keep_ratio or protect fewer tokens"
+                )
         if num_keep >= num_tokens:
             return Reduction.identity(tokens, sizes)
         reduction = self.reduce(tokens, num_keep, scores=scores, protected=protected_mask, sizes=sizes)
         if reduction.tokens.shape != (tokens.shape[0], num_keep, tokens.shape[2]):
-            raise RuntimeError(f"{type(self).__name__}.reduce returned tokens of shape "
-                               f"{tuple(reduction.tokens.shape)}; expected {(tokens.shape[0], num_keep, tokens.shape[2])}")
+            raise RuntimeError(
+                f"{type(self).__name__}.reduce returned tokens of shape "
+                f"{tuple(reduction.tokens.shape)}; expected {(tokens.shape[0], num_keep, tokens.shape[2])}"
+            )
         return reduction
 
     @abc.abstractmethod
@@ -162,31 +165,39 @@ class Reducer(abc.ABC):
         if batch == 0 or num_tokens == 0 or channels == 0:
             raise ValueError(f"tokens must not be empty; got shape {tuple(tokens.shape)}")
         if not bool(torch.isfinite(tokens).all()):
-            raise ValueError("tokens contain NaN or inf; check the model's outputs (an fp16 overflow is a common "
-                             "cause) before reducing")
+            raise ValueError(
+                "tokens contain NaN or inf; check the model's outputs (an fp16 overflow is a common "
+                "cause) before reducing"
+            )
         expected = (batch, num_tokens)
         if scores is not None:
             if not self.accepts_scores:
                 raise ValueError(f"{type(self).__name__} does not use external scores; do not pass scores to it")
             if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
-                raise ValueError(f"scores must have shape (B, N) = {expected}; got "
-                                 f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}")
+                raise ValueError(
+                    f"scores must have shape (B, N) = {expected}; got "
+                    f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}"
+                )
             if not bool(torch.isfinite(scores).all()):
                 raise ValueError("scores contain NaN or inf")
         elif self.requires_scores:
             raise ValueError(f"{type(self).__name__} needs scores of shape (B, N) = {expected}; pass scores=...")
         if protected is not None:
             if not isinstance(protected, torch.Tensor) or tuple(protected.shape) != expected:
-                raise ValueError(f"protected must have shape (B, N) = {expected}; got "
-                                 f"{tuple(protected.shape) if isinstance(protected, torch.Tensor) else type(protected)}")
+                raise ValueError(
+                    f"protected must have shape (B, N) = {expected}; got "
+                    f"{tuple(protected.shape) if isinstance(protected, torch.Tensor) else type(protected)}"
+                )
             if protected.dtype != torch.bool:
                 raise TypeError(f"protected must be a bool tensor; got {protected.dtype}")
             if protected.device != tokens.device:
                 raise ValueError(f"protected is on {protected.device} but tokens are on {tokens.device}")
         if sizes is not None:
             if not isinstance(sizes, torch.Tensor) or tuple(sizes.shape) != expected:
-                raise ValueError(f"sizes must have shape (B, N) = {expected}; got "
-                                 f"{tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes)}")
+                raise ValueError(
+                    f"sizes must have shape (B, N) = {expected}; got "
+                    f"{tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes)}"
+                )
             if not bool((torch.isfinite(sizes) & (sizes > 0)).all()):
                 raise ValueError("sizes must be finite and positive")
         if protected is None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
 from tokred.core.ops.merge import merge_weights, scatter_merge
 from tokred.core.ops.selection import gather_tokens
 
@@ -57,11 +56,15 @@ class Reduction:
     def __post_init__(self) -> None:
         b, k = self.indices.shape
         if self.tokens.shape[:2] != (b, k) or self.sizes.shape != (b, k):
-            raise ValueError(f"inconsistent Reduction: tokens {tuple(self.tokens.shape)}, indices {(b, k)}, "
-                             f"sizes {tuple(self.sizes.shape)}")
+            raise ValueError(
+                f"inconsistent Reduction: tokens {tuple(self.tokens.shape)}, indices {(b, k)}, "
+                f"sizes {tuple(self.sizes.shape)}"
+            )
         if self.assignment.shape != self.weights.shape or self.assignment.shape[0] != b:
-            raise ValueError(f"inconsistent Reduction: assignment {tuple(self.assignment.shape)}, weights "
-                             f"{tuple(self.weights.shape)}, batch {b}")
+            raise ValueError(
+                f"inconsistent Reduction: assignment {tuple(self.assignment.shape)}, weights "
+                f"{tuple(self.weights.shape)}, batch {b}"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -102,14 +105,16 @@ class Reduction:
             Tensor of shape ``(B, K, *)``.
         """
         if x.dim() < 2 or tuple(x.shape[:2]) != tuple(self.assignment.shape):
-            raise ValueError(f"x must have shape (B, N, ...) with (B, N) = {tuple(self.assignment.shape)}; "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, N, ...) with (B, N) = {tuple(self.assignment.shape)}; got {tuple(x.shape)}"
+            )
         if how == "select":
             return gather_tokens(x, self.indices)
         if how == "merge":
             if not x.is_floating_point():
-                raise TypeError(f"how='merge' needs a floating tensor; got {x.dtype}. Use how='select' for "
-                                "positions, ids and masks")
+                raise TypeError(
+                    f"how='merge' needs a floating tensor; got {x.dtype}. Use how='select' for positions, ids and masks"
+                )
             return scatter_merge(x, self.assignment, self.num_kept, self.weights)
         raise ValueError(f"how must be 'merge' or 'select'; got {how!r}")
 
@@ -127,8 +132,9 @@ class Reduction:
             A `Reduction` from the ``N`` original tokens to ``then``'s slots, with ``then``'s tokens.
         """
         if then.num_tokens != self.num_kept or then.assignment.shape[0] != self.assignment.shape[0]:
-            raise ValueError(f"cannot compose: this reduction yields {self.num_kept} tokens but the next expects "
-                             f"{then.num_tokens}")
+            raise ValueError(
+                f"cannot compose: this reduction yields {self.num_kept} tokens but the next expects {then.num_tokens}"
+            )
         mid = self.assignment.clamp_min(0)
         assignment = torch.where(self.assignment >= 0, then.assignment.gather(1, mid), -1)
         weights = torch.where(assignment >= 0, self.weights * then.weights.gather(1, mid), 0.0)
@@ -146,8 +152,11 @@ class Reduction:
         batch, num_tokens = tokens.shape[:2]
         device = tokens.device
         indices = torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
-        out_sizes = (torch.ones((batch, num_tokens), device=device) if sizes is None
-                     else sizes.to(device=device, dtype=torch.float32).clone())
+        out_sizes = (
+            torch.ones((batch, num_tokens), device=device)
+            if sizes is None
+            else sizes.to(device=device, dtype=torch.float32).clone()
+        )
         weights = torch.ones((batch, num_tokens), dtype=torch.float32, device=device)
         return cls(tokens, indices, out_sizes, indices.clone(), weights)
 
@@ -201,7 +210,6 @@ class Reduction:
         assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=device)
         assignment.scatter_(1, kept, torch.arange(kept.shape[1], device=device).expand_as(kept))
         weights = (assignment >= 0).float()
-        slot_sizes = (torch.ones_like(kept, dtype=torch.float32) if sizes is None
-                      else sizes.float().gather(1, kept))
+        slot_sizes = torch.ones_like(kept, dtype=torch.float32) if sizes is None else sizes.float().gather(1, kept)
         # Gathering keeps the kept tokens bit-identical to the input, which a weighted sum would not in fp16.
         return cls(gather_tokens(tokens, kept), kept, slot_sizes, assignment, weights)

@@ -92,8 +92,10 @@ class Registry(Generic[T]):
                 existing = self._objects.get(name)
                 # Re-running a module (importlib.reload, a notebook cell) re-registers the same definition.
                 if existing is not None and existing is not target and _target_of(existing) != _target_of(target):
-                    raise RegistryError(f"{self.kind} {name!r} is already registered by {_target_of(existing)}; "
-                                        f"register {_target_of(target)} under another name")
+                    raise RegistryError(
+                        f"{self.kind} {name!r} is already registered by {_target_of(existing)}; "
+                        f"register {_target_of(target)} under another name"
+                    )
                 self._objects[name] = target
                 if self._on_register is not None:
                     self._on_register(name, target)
@@ -169,15 +171,19 @@ class Registry(Generic[T]):
         try:
             loaded = ep.load()
         except Exception as exc:
-            raise PluginLoadError(f"{self.kind} plug-in {name!r} ({ep.value}, from distribution "
-                                  f"{_dist_name(ep)}) failed to load: {type(exc).__name__}: {exc}") from exc
+            raise PluginLoadError(
+                f"{self.kind} plug-in {name!r} ({ep.value}, from distribution "
+                f"{_dist_name(ep)}) failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
         with self._lock:
             registered = self._objects.get(name)
             if registered is None:
                 self.register(name, loaded)
             elif registered is not loaded:
-                raise RegistryError(f"{self.kind} {name!r}: entry point {ep.value} loaded {_target_of(loaded)}, "
-                                    f"but the import registered {_target_of(registered)} under that name")
+                raise RegistryError(
+                    f"{self.kind} {name!r}: entry point {ep.value} loaded {_target_of(loaded)}, "
+                    f"but the import registered {_target_of(registered)} under that name"
+                )
         return self._objects[name]
 
 
@@ -295,4 +301,3 @@ def reducer_info(names: Iterable[str] | None = None) -> list[ReducerInfo]:
         doc = (cls.__doc__ or "").strip().splitlines()
         out.append(ReducerInfo(name, doc[0] if doc else "", _target_of(cls), entry.distribution))
     return out
-

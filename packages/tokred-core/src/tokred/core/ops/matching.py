@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
 from tokred.core.ops._checks import check_float, check_rank
 from tokred.core.ops.similarity import cosine_similarity
 
@@ -73,8 +72,10 @@ def bipartite_soft_matching(
     num_src = (free.sum(dim=1) + 1) // 2  # size of A per row
     per_row = torch.as_tensor(r, dtype=torch.long, device=device).expand(batch)
     if bool(((per_row < 0) | (per_row > num_src)).any()):
-        raise ValueError(f"r must lie between 0 and half the unprotected tokens of its row "
-                         f"({num_src.tolist()}); got {per_row.tolist()}")
+        raise ValueError(
+            f"r must lie between 0 and half the unprotected tokens of its row "
+            f"({num_src.tolist()}); got {per_row.tolist()}"
+        )
     max_r = int(per_row.max()) if batch else 0
 
     rank = free.long().cumsum(dim=1) - 1  # order among the unprotected tokens of the row

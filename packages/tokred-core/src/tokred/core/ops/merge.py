@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from tokred.core.ops._checks import check_float, check_rank, compute_dtype
 from tokred.core.ops.similarity import cosine_similarity
 
@@ -15,8 +14,10 @@ def _check_assignment(assignment: torch.Tensor, num_slots: int) -> None:
     if assignment.dtype != torch.long:
         raise TypeError(f"assignment must be a long tensor; got {assignment.dtype}")
     if assignment.numel() and (int(assignment.min()) < -1 or int(assignment.max()) >= num_slots):
-        raise ValueError(f"assignment values must lie in [-1, {num_slots}); got range "
-                         f"[{int(assignment.min())}, {int(assignment.max())}]")
+        raise ValueError(
+            f"assignment values must lie in [-1, {num_slots}); got range "
+            f"[{int(assignment.min())}, {int(assignment.max())}]"
+        )
 
 
 def merge_weights(

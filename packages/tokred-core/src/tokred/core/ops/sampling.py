@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
 from tokred.core.ops._checks import check_float, check_rank, compute_dtype
 
 __all__ = ["farthest_point_sampling"]
@@ -53,8 +52,9 @@ def farthest_point_sampling(
     if valid is not None:
         check_rank("valid", valid, 2, "(B, N)")
         if valid.shape != (batch, num_points) or valid.dtype != torch.bool:
-            raise ValueError(f"valid must be a bool tensor of shape {(batch, num_points)}; got {valid.dtype} "
-                             f"{tuple(valid.shape)}")
+            raise ValueError(
+                f"valid must be a bool tensor of shape {(batch, num_points)}; got {valid.dtype} {tuple(valid.shape)}"
+            )
     if not 1 <= num_samples <= num_points:
         raise ValueError(f"num_samples must be between 1 and N={num_points}; got {num_samples}")
     if metric not in ("euclidean", "cosine", "precomputed"):
@@ -105,5 +105,3 @@ def farthest_point_sampling(
         best = min_dist.amax(dim=1)
         exhausted = best == float("-inf")  # only possible with a valid mask
     return picks
-
-

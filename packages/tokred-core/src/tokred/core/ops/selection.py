@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from tokred.core.ops._checks import check_rank
 
 __all__ = ["gather_tokens", "topk_indices"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from tokred.core.ops.matching import bipartite_soft_matching
 from tokred.core.ops.selection import topk_indices
 from tokred.core.reducer import Reducer
@@ -55,7 +54,8 @@ class ToMeReducer(Reducer):
             # the result is the same as on the full masked sequence at a fraction of the N x N cost.
             window = topk_indices(alive, int(alive.sum(dim=1).max()))  # (B, M) ascending
             window_tokens = weighted.view(batch, num_tokens, -1).gather(
-                1, window.unsqueeze(-1).expand(-1, -1, weighted.shape[1]))
+                1, window.unsqueeze(-1).expand(-1, -1, weighted.shape[1])
+            )
             match = bipartite_soft_matching(window_tokens, r, protected=~free.gather(1, window))
             paired = match.sources >= 0
             sources = window.gather(1, match.sources.clamp_min(0))

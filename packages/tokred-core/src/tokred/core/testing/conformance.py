@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-
 from tokred.core.errors import BudgetError
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
@@ -132,12 +131,14 @@ class ReducerConformance:
         assert bool((red.sizes >= 1 - 1e-6).all()), "every slot represents at least one original token"
         total = torch.full((batch,), float(num_tokens)) if sizes is None else sizes.float().sum(dim=1)
         assert bool((red.sizes.float().sum(dim=1).cpu() <= total + 1e-4).all()), "slots carry more than the input"
-        occupied = torch.zeros(batch, num_keep).scatter_add_(1, red.assignment.clamp_min(0).cpu(),
-                                                             red.weights.float().cpu())
+        occupied = torch.zeros(batch, num_keep).scatter_add_(
+            1, red.assignment.clamp_min(0).cpu(), red.weights.float().cpu()
+        )
         torch.testing.assert_close(occupied, torch.ones(batch, num_keep), atol=1e-5, rtol=0)
         if self.reproduces_tokens:
-            torch.testing.assert_close(red.apply(tokens).float(), red.tokens.float(), atol=self._tol(tokens),
-                                       rtol=self._tol(tokens))
+            torch.testing.assert_close(
+                red.apply(tokens).float(), red.tokens.float(), atol=self._tol(tokens), rtol=self._tol(tokens)
+            )
 
     def _tol(self, tokens: torch.Tensor) -> float:
         return {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(tokens.dtype, self.atol)
@@ -145,6 +146,7 @@ class ReducerConformance:
     # -- the checks ----------------------------------------------------------------------------------------
 
     def test_registered_and_documented(self) -> None:
+        """The name is registered, maps to a Reducer subclass and the class has a docstring."""
         assert self.reducer_name in available_reducers()
         cls = get_reducer_class(self.reducer_name)
         assert issubclass(cls, Reducer)
@@ -152,6 +154,7 @@ class ReducerConformance:
         assert (cls.__doc__ or "").strip(), f"{cls.__name__} needs a docstring: its first line is the listing"
 
     def test_config_round_trip(self) -> None:
+        """``create_reducer(name, **reducer.config())`` rebuilds an equal reducer."""
         reducer = self.make_reducer(num_keep=5)
         config = reducer.config()
         assert config["num_keep"] == 5 and config["keep_ratio"] is None
@@ -161,18 +164,21 @@ class ReducerConformance:
 
     @pytest.mark.parametrize("num_keep", [1, 2, 7, 23])
     def test_num_keep_budget(self, num_keep: int) -> None:
+        """A ``num_keep`` budget gives exactly that many tokens and a consistent plan."""
         tokens = self.tokens()
         red = self.run(tokens, num_keep=num_keep)
         self.check_plan(tokens, red, num_keep)
 
     @pytest.mark.parametrize(("keep_ratio", "expected"), [(0.25, 6), (0.5, 12), (0.01, 1)])
     def test_keep_ratio_budget(self, keep_ratio: float, expected: int) -> None:
+        """A ``keep_ratio`` budget rounds half up and keeps at least one token."""
         tokens = self.tokens()
         red = self.run(tokens, keep_ratio=keep_ratio)
         self.check_plan(tokens, red, expected)
 
     @pytest.mark.parametrize("budget", [{"num_keep": 24}, {"num_keep": 1000}, {"keep_ratio": 1.0}])
     def test_keep_all_is_identity(self, budget: dict[str, Any]) -> None:
+        """A budget of at least N returns every token unchanged."""
         tokens = self.tokens()
         red = self.run(tokens, **budget)
         assert torch.equal(red.tokens, tokens)
@@ -181,6 +187,7 @@ class ReducerConformance:
         assert bool((red.sizes == 1).all())
 
     def test_protected_tokens_survive_unchanged(self) -> None:
+        """Protected tokens (a different number per row) are kept unmodified, nothing merged in."""
         tokens = self.tokens()
         protected = _random_protected(self.batch_size, self.num_tokens, max_count=4)
         num_keep = 6
@@ -195,6 +202,7 @@ class ReducerConformance:
                 assert red.sizes[row, slot] == 1, "something was merged into a protected token"
 
     def test_protected_filling_the_budget(self) -> None:
+        """When protected tokens fill the whole budget, exactly they survive."""
         tokens = self.tokens()
         protected = torch.zeros(self.batch_size, self.num_tokens, dtype=torch.bool)
         protected[:, [0, 5, 9]] = True
@@ -203,6 +211,7 @@ class ReducerConformance:
         assert torch.equal(red.tokens, tokens[:, [0, 5, 9]])
 
     def test_more_protected_than_budget_is_an_error(self) -> None:
+        """More protected tokens than the budget raises `BudgetError`."""
         tokens = self.tokens()
         protected = torch.zeros(self.batch_size, self.num_tokens, dtype=torch.bool)
         protected[:, :5] = True
@@ -210,6 +219,7 @@ class ReducerConformance:
             self.run(tokens, num_keep=4, protected=protected)
 
     def test_deterministic(self) -> None:
+        """Two calls on the same input give the same result."""
         tokens = self.tokens()
         first, second = self.run(tokens), self.run(tokens)
         assert torch.equal(first.indices, second.indices)
@@ -218,6 +228,7 @@ class ReducerConformance:
 
     def test_global_rng_and_seed(self) -> None:
         # Deterministic reducers ignore the global RNG; stochastic ones follow their own seed.
+        """Deterministic reducers ignore the global RNG; stochastic ones follow their own seed."""
         tokens = self.tokens()
         cls = get_reducer_class(self.reducer_name)
         if cls.stochastic:
@@ -235,6 +246,7 @@ class ReducerConformance:
             assert torch.equal(first.indices, self.run(tokens).indices)
 
     def test_batch_independence(self) -> None:
+        """A row's result does not depend on the other rows of the batch."""
         tokens = self.tokens()
         protected = _random_protected(self.batch_size, self.num_tokens, max_count=3)
         inputs = self.make_inputs(tokens)
@@ -250,19 +262,22 @@ class ReducerConformance:
             return
         for row in range(self.batch_size):
             row_inputs = {k: v[row : row + 1] for k, v in inputs.items()}
-            alone = self.make_reducer(num_keep=7)(tokens[row : row + 1], protected=protected[row : row + 1],
-                                                  **row_inputs)
+            alone = self.make_reducer(num_keep=7)(
+                tokens[row : row + 1], protected=protected[row : row + 1], **row_inputs
+            )
             assert torch.equal(alone.indices[0], batched.indices[row])
             assert torch.equal(alone.assignment[0], batched.assignment[row])
             torch.testing.assert_close(alone.tokens[0], batched.tokens[row], atol=self.atol, rtol=self.atol)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
     def test_dtype_preserved(self, dtype: torch.dtype) -> None:
+        """Half and double precision inputs come back in their own dtype."""
         tokens = self.tokens(dtype=dtype)
         red = self.run(tokens, num_keep=6)
         self.check_plan(tokens, red, 6)
 
     def test_sizes_accumulate(self) -> None:
+        """Output sizes add up the input sizes of every token that was not dropped."""
         tokens = self.tokens()
         sizes = torch.randint(1, 4, (self.batch_size, self.num_tokens)).float()
         red = self.run(tokens, num_keep=8, sizes=sizes)
@@ -271,6 +286,7 @@ class ReducerConformance:
         torch.testing.assert_close(red.sizes.sum(dim=1), carried)
 
     def test_inputs_not_modified(self) -> None:
+        """The call leaves tokens, protected, sizes and scores untouched."""
         tokens = self.tokens()
         protected = _random_protected(self.batch_size, self.num_tokens, max_count=2)
         sizes = torch.ones(self.batch_size, self.num_tokens) * 2
@@ -282,12 +298,14 @@ class ReducerConformance:
 
     @pytest.mark.parametrize("distinct", [1, 2, 5])
     def test_rank_deficient_tokens(self, distinct: int) -> None:
+        """Repeated tokens (1, 2 or 5 distinct ones) do not crash and give a valid plan."""
         base = self.tokens()[:, :distinct]
         tokens = base.repeat(1, -(-self.num_tokens // distinct), 1)[:, : self.num_tokens].contiguous()
         red = self.run(tokens, num_keep=8)
         self.check_plan(tokens, red, 8)
 
     def test_zero_tokens_and_tiny_sets(self) -> None:
+        """All-zero tokens and a single-token set are handled."""
         tokens = torch.zeros(2, 3, 4)
         red = self.run(tokens, num_keep=2)
         self.check_plan(tokens, red, 2)
@@ -295,6 +313,7 @@ class ReducerConformance:
         assert torch.equal(self.run(single, num_keep=1).tokens, single)
 
     def test_device_preserved_on_cuda(self) -> None:
+        """On a CUDA device every output stays on it (skipped without one)."""
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device on this machine")
         tokens = self.tokens(device="cuda")
@@ -307,18 +326,25 @@ class ReducerConformance:
         [
             (lambda t: t[0], ValueError, r"shape \(B, N, C\)"),
             (lambda t: t[:, :0], ValueError, "empty"),
-            (lambda t: t.masked_fill(torch.zeros_like(t, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True),
-                                     float("nan")), ValueError, "NaN"),
+            (
+                lambda t: t.masked_fill(
+                    torch.zeros_like(t, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True), float("nan")
+                ),
+                ValueError,
+                "NaN",
+            ),
             (lambda t: t.clone().index_fill_(2, torch.tensor([1]), float("inf")), ValueError, "inf"),
             (lambda t: t.long(), TypeError, "floating"),
         ],
         ids=["2d", "empty", "nan", "inf", "integer"],
     )
     def test_bad_tokens_are_rejected(self, make_bad: Any, error: type[Exception], match: str) -> None:
+        """Malformed tokens (wrong rank, empty, NaN, inf, integer) raise a clear error."""
         with pytest.raises(error, match=match):
             self.run(make_bad(self.tokens()), num_keep=4)
 
     def test_bad_protected_is_rejected(self) -> None:
+        """A protected mask of the wrong shape or dtype raises a clear error."""
         tokens = self.tokens()
         with pytest.raises(ValueError, match="protected must have shape"):
             self.run(tokens, num_keep=4, protected=torch.zeros(self.batch_size, 5, dtype=torch.bool))
@@ -326,6 +352,7 @@ class ReducerConformance:
             self.run(tokens, num_keep=4, protected=torch.zeros(self.batch_size, self.num_tokens))
 
     def test_bad_scores_are_rejected(self) -> None:
+        """Scores of the wrong shape, or scores the reducer would ignore, raise a clear error."""
         tokens = self.tokens()
         cls = get_reducer_class(self.reducer_name)
         if cls.accepts_scores:
@@ -337,10 +364,17 @@ class ReducerConformance:
 
     @pytest.mark.parametrize(
         "budget",
-        [{"num_keep": 0}, {"num_keep": -3}, {"keep_ratio": 0.0}, {"keep_ratio": 1.5}, {},
-         {"num_keep": 4, "keep_ratio": 0.5}],
+        [
+            {"num_keep": 0},
+            {"num_keep": -3},
+            {"keep_ratio": 0.0},
+            {"keep_ratio": 1.5},
+            {},
+            {"num_keep": 4, "keep_ratio": 0.5},
+        ],
         ids=["zero", "negative", "ratio0", "ratio>1", "neither", "both"],
     )
     def test_bad_budget_is_rejected(self, budget: dict[str, Any]) -> None:
+        """Invalid budgets raise `BudgetError` at construction."""
         with pytest.raises(BudgetError):
             create_reducer(self.reducer_name, **{**self.reducer_kwargs, **budget})
