@@ -164,7 +164,7 @@ class Reducer(abc.ABC):
         batch, num_tokens, channels = tokens.shape
         if batch == 0 or num_tokens == 0 or channels == 0:
             raise ValueError(f"tokens must not be empty; got shape {tuple(tokens.shape)}")
-        if not bool(torch.isfinite(tokens).all()):
+        if not _all_finite(tokens):
             raise ValueError(
                 "tokens contain NaN or inf; check the model's outputs (an fp16 overflow is a common "
                 "cause) before reducing"
@@ -178,7 +178,7 @@ class Reducer(abc.ABC):
                     f"scores must have shape (B, N) = {expected}; got "
                     f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}"
                 )
-            if not bool(torch.isfinite(scores).all()):
+            if not _all_finite(scores):
                 raise ValueError("scores contain NaN or inf")
         elif self.requires_scores:
             raise ValueError(f"{type(self).__name__} needs scores of shape (B, N) = {expected}; pass scores=...")
@@ -203,6 +203,12 @@ class Reducer(abc.ABC):
         if protected is None:
             return torch.zeros(expected, dtype=torch.bool, device=tokens.device)
         return protected
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # min/max propagate NaN and reach ±inf, so two reductions answer the question without materialising a
+    # (B, N, C) bool mask: an order of magnitude cheaper than isfinite(x).all() on CPU, and one sync on GPU.
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all())
 
 
 def select_top(scores: torch.Tensor, num_keep: int, protected: torch.Tensor) -> torch.Tensor:
