@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from tokred.core import create_reducer
 from tokred.core.ops import (
     assign_to_nearest,

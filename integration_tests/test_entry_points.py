@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+
 from tokred.core import PluginLoadError, available_reducers, create_reducer, reducer_info
 from tokred.core.cli import main
 

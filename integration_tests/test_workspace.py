@@ -9,6 +9,7 @@ from importlib import metadata
 
 import pytest
 from packaging.requirements import Requirement
+
 from tokred.core.registry import REDUCERS
 
 DISTRIBUTIONS = ("tokred-core", "tokred-vlm", "tokred-mamba")

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from tokred.core import create_reducer
 from tokred.core.testing import make_tokens
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from tokred.core.cli import build_parser, main
 
 

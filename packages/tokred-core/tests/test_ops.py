@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tokred.core.ops import (
     assign_to_nearest,
     bipartite_soft_matching,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tokred.core import Budget, BudgetError, Reducer, Reduction, create_reducer, select_top
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tokred.core import Reduction, create_reducer
 from tokred.core.testing import make_tokens
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from tokred.core import (
     Reducer,
     Reduction,

@@ -7,6 +7,7 @@ import inspect
 from typing import Any, ClassVar
 
 import torch
+
 from tokred.core.budget import Budget
 from tokred.core.errors import BudgetError
 from tokred.core.ops.selection import topk_indices

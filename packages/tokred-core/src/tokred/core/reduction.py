@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from tokred.core.ops.merge import merge_weights, scatter_merge
 from tokred.core.ops.selection import gather_tokens
 

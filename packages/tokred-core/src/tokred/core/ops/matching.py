@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from tokred.core.ops._checks import check_float, check_rank
 from tokred.core.ops.similarity import cosine_similarity
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
 from tokred.core.ops._checks import check_float, check_rank, compute_dtype
 
 __all__ = ["farthest_point_sampling"]

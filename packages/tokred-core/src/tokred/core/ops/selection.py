@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tokred.core.ops._checks import check_rank
 
 __all__ = ["gather_tokens", "topk_indices"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tokred.core.ops._checks import check_float, check_rank, compute_dtype
 
 __all__ = ["cosine_similarity"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tokred.core.ops.sampling import farthest_point_sampling
 from tokred.core.ops.similarity import cosine_similarity
 from tokred.core.reducer import Reducer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer

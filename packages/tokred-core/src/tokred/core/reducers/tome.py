@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tokred.core.ops.matching import bipartite_soft_matching
 from tokred.core.ops.selection import topk_indices
 from tokred.core.reducer import Reducer

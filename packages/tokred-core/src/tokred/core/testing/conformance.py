@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+
 from tokred.core.errors import BudgetError
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
