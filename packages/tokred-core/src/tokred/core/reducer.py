@@ -174,36 +174,30 @@ class Reducer(abc.ABC):
         if scores is not None:
             if not self.accepts_scores:
                 raise ValueError(f"{type(self).__name__} does not use external scores; do not pass scores to it")
-            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
-                raise ValueError(
-                    f"scores must have shape (B, N) = {expected}; got "
-                    f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)}"
-                )
+            _check_per_token("scores", scores, expected)
             if not _all_finite(scores):
                 raise ValueError("scores contain NaN or inf")
         elif self.requires_scores:
             raise ValueError(f"{type(self).__name__} needs scores of shape (B, N) = {expected}; pass scores=...")
         if protected is not None:
-            if not isinstance(protected, torch.Tensor) or tuple(protected.shape) != expected:
-                raise ValueError(
-                    f"protected must have shape (B, N) = {expected}; got "
-                    f"{tuple(protected.shape) if isinstance(protected, torch.Tensor) else type(protected)}"
-                )
+            _check_per_token("protected", protected, expected)
             if protected.dtype != torch.bool:
                 raise TypeError(f"protected must be a bool tensor; got {protected.dtype}")
             if protected.device != tokens.device:
                 raise ValueError(f"protected is on {protected.device} but tokens are on {tokens.device}")
         if sizes is not None:
-            if not isinstance(sizes, torch.Tensor) or tuple(sizes.shape) != expected:
-                raise ValueError(
-                    f"sizes must have shape (B, N) = {expected}; got "
-                    f"{tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes)}"
-                )
+            _check_per_token("sizes", sizes, expected)
             if not bool((torch.isfinite(sizes) & (sizes > 0)).all()):
                 raise ValueError("sizes must be finite and positive")
         if protected is None:
             return torch.zeros(expected, dtype=torch.bool, device=tokens.device)
         return protected
+
+
+def _check_per_token(name: str, value: object, expected: tuple[int, int]) -> None:
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must have shape (B, N) = {expected}; got {got}")
 
 
 def _all_finite(x: torch.Tensor) -> bool:

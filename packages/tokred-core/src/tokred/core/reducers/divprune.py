@@ -32,9 +32,6 @@ class DivPruneReducer(Reducer):
         keep_ratio: Fraction of tokens kept.
     """
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None):
-        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
-
     def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
         batch, num_tokens = tokens.shape[:2]
         free = ~protected

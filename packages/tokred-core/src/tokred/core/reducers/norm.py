@@ -21,9 +21,6 @@ class NormReducer(Reducer):
         keep_ratio: Fraction of tokens kept.
     """
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None):
-        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
-
     def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
         norms = tokens.float().norm(dim=-1)  # (B, N)
         return Reduction.from_selection(tokens, select_top(norms, num_keep, protected), sizes)
