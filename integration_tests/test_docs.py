@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import tokred.core
+from tokred.core.registry import REDUCERS
 
 try:
     import tomllib
@@ -73,13 +74,15 @@ def test_public_modules_declare_all():
 
 
 @pytest.mark.parametrize("name", list(public_modules(tokred.core)))
-def test_docstring_examples_run(name):
+def test_docstring_examples_run(name, monkeypatch):
+    # Examples may register reducers; keep that out of the process-wide registry.
+    monkeypatch.setattr(REDUCERS, "_objects", dict(REDUCERS._objects))
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0
 
 
-@pytest.mark.parametrize("page", ["index.md", "getting-started.md"])
+@pytest.mark.parametrize("page", ["index.md", "getting-started.md", "reducers.md"])
 def test_page_examples_run(page):
     namespace = {}
     blocks = [code for lang, title, code in code_blocks(DOCS / page) if lang == "python" and title is None]

@@ -135,3 +135,13 @@ def test_tome_merges_duplicates_first():
     assert red.sizes.tolist() == [[2.0] * 6]
     assert red.indices.tolist() == [[1, 3, 5, 7, 9, 11]]
     torch.testing.assert_close(red.tokens, base)
+
+
+def test_topk_keeps_the_best_scores_and_merges_into_its_survivors():
+    tokens = make_tokens(2, 12, 4)
+    scores = torch.tensor([[5, 1, 9, 0, 3, 8, 2, 7, 4, 6, 1, 0], [0] * 11 + [1]], dtype=torch.float32)
+    dropped = create_reducer("topk", num_keep=3)(tokens, scores=scores)
+    assert dropped.indices.tolist() == [[2, 5, 7], [0, 1, 11]]  # ties to the lower position
+    merged = create_reducer("topk", num_keep=3, merge=True)(tokens, scores=scores)
+    assert torch.equal(merged.indices, dropped.indices)
+    assert merged.sizes.sum(dim=1).tolist() == [12.0, 12.0]

@@ -27,3 +27,12 @@ class TestDivPrune(ReducerConformance):
 
 class TestToMe(ReducerConformance):
     reducer_name = "tome"
+
+
+class TestTopK(ReducerConformance):
+    reducer_name = "topk"
+
+
+class TestTopKMerging(ReducerConformance):
+    reducer_name = "topk"
+    reducer_kwargs = {"merge": True}

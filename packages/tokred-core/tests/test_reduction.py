@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokred.core import Reduction, create_reducer
 from tokred.core.testing import make_tokens
@@ -94,3 +95,27 @@ def test_inconsistent_fields_are_rejected():
             torch.zeros(1, 4, dtype=torch.long),
             torch.ones(1, 4),
         )
+
+
+def test_merge_into_nearest_matches_a_loop_and_respects_allowed():
+    tokens = make_tokens(2, 20, 6, seed=8, dtype=torch.float64)
+    kept = torch.tensor([[1, 5, 9, 14], [0, 3, 4, 19]])
+    allowed = torch.tensor([[True, False, True, True], [False, True, True, True]])
+    red = Reduction.merge_into_nearest(tokens, kept, allowed=allowed)
+    for b in range(2):
+        targets = [kept[b, j].item() for j in range(4) if allowed[b, j]]
+        groups = {k.item(): [k.item()] for k in kept[b]}
+        for i in range(20):
+            if i in groups:
+                continue
+            sims = {t: F.cosine_similarity(tokens[b, i], tokens[b, t], dim=0).item() for t in targets}
+            groups[max(targets, key=lambda t: (sims[t], -t))].append(i)
+        expected = torch.stack([tokens[b, groups[k.item()]].mean(dim=0) for k in kept[b]])
+        torch.testing.assert_close(red.tokens[b], expected)
+    assert red.sizes[0, 1] == 1 and red.sizes[1, 0] == 1, "a slot that may not receive merges stays alone"
+
+
+def test_merge_into_nearest_without_allowed_slots_drops():
+    tokens = make_tokens(1, 6, 3)
+    red = Reduction.merge_into_nearest(tokens, torch.tensor([[2, 4]]), allowed=torch.zeros(1, 2, dtype=torch.bool))
+    assert red.dropped_mask.sum() == 4 and torch.equal(red.tokens, tokens[:, [2, 4]])

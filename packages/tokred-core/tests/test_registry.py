@@ -83,8 +83,10 @@ def test_only_reducers_can_be_registered():
 
 
 def test_unknown_name_lists_known_reducers():
-    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'nope'.*divprune, norm, random, tome, uniform"):
+    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'nope'; known reducers: ") as exc:
         create_reducer("nope", num_keep=3)
+    for name in ("divprune", "norm", "random", "tome", "topk", "uniform"):
+        assert name in str(exc.value)
     with pytest.raises(LookupError):
         get_reducer_class("nope")
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from tokred.core.ops.merge import merge_weights, scatter_merge
+from tokred.core.ops.merge import assign_to_nearest, merge_weights, scatter_merge
 from tokred.core.ops.selection import gather_tokens
 
 __all__ = ["Reduction"]
@@ -214,3 +214,44 @@ class Reduction:
         slot_sizes = torch.ones_like(kept, dtype=torch.float32) if sizes is None else sizes.float().gather(1, kept)
         # Gathering keeps the kept tokens bit-identical to the input, which a weighted sum would not in fp16.
         return cls(gather_tokens(tokens, kept), kept, slot_sizes, assignment, weights)
+
+    @classmethod
+    def merge_into_nearest(
+        cls,
+        tokens: torch.Tensor,
+        kept: torch.Tensor,
+        *,
+        allowed: torch.Tensor | None = None,
+        sizes: torch.Tensor | None = None,
+    ) -> Reduction:
+        """Keep the tokens at ``kept`` and merge every other token into its most cosine-similar kept token.
+
+        The "merge what you drop into its nearest survivor" step shared by ApET, MTR and many others.
+        ``allowed`` restricts which kept slots may receive merges (ApET: only the high-residual tokens, not the
+        basis; MTR: only the Target group; always: not protected tokens, which must stay unchanged). Slots
+        become size-weighted means.
+
+        Args:
+            tokens: Tokens of shape ``(B, N, C)``.
+            kept: Long tensor ``(B, K)`` of kept positions, ascending in every row.
+            allowed: Optional bool mask ``(B, K)`` over the kept slots that may receive merges; all of them
+                when omitted. In a row where no slot is allowed, the other tokens are dropped.
+            sizes: Optional sizes ``(B, N)`` of the input tokens.
+
+        Returns:
+            The `Reduction`.
+        """
+        batch, num_tokens = tokens.shape[:2]
+        num_kept = kept.shape[1]
+        device = tokens.device
+        if allowed is None:
+            allowed = torch.ones((batch, num_kept), dtype=torch.bool, device=device)
+        elif allowed.shape != (batch, num_kept) or allowed.dtype != torch.bool:
+            raise ValueError(f"allowed must be a bool tensor of shape {(batch, num_kept)}")
+        can_merge = allowed.any(dim=1, keepdim=True)  # (B, 1)
+        # A row without any allowed slot gets all slots allowed for the argmax, then its merges are dropped.
+        nearest = assign_to_nearest(tokens, gather_tokens(tokens, kept), target_mask=allowed | ~can_merge)
+        targets = torch.where(can_merge, kept.gather(1, nearest), -1)  # (B, N)
+        positions = torch.arange(num_tokens, device=device).expand(batch, -1)
+        is_kept = torch.zeros((batch, num_tokens), dtype=torch.bool, device=device).scatter_(1, kept, True)
+        return cls.from_targets(tokens, kept, torch.where(is_kept, positions, targets), sizes)

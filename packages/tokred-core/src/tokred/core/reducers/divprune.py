@@ -32,7 +32,16 @@ class DivPruneReducer(Reducer):
         keep_ratio: Fraction of tokens kept.
     """
 
-    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Greedy max–min diversity over the unprotected tokens."""
         batch, num_tokens = tokens.shape[:2]
         free = ~protected
         num_pick = num_keep - protected.sum(dim=1)  # per row, < number of free tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
@@ -21,6 +23,15 @@ class NormReducer(Reducer):
         keep_ratio: Fraction of tokens kept.
     """
 
-    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Keep the largest-norm tokens."""
         norms = tokens.float().norm(dim=-1)  # (B, N)
         return Reduction.from_selection(tokens, select_top(norms, num_keep, protected), sizes)

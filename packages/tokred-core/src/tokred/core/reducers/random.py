@@ -32,6 +32,15 @@ class RandomReducer(Reducer):
         self.seed = seed
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Keep a random subset drawn from the reducer's generator."""
         noise = torch.rand(tokens.shape[:2], generator=self._generator).to(tokens.device)  # (B, N)
         return Reduction.from_selection(tokens, select_top(noise, num_keep, protected), sizes)

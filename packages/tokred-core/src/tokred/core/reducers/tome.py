@@ -29,7 +29,16 @@ class ToMeReducer(Reducer):
         keep_ratio: Fraction of tokens kept.
     """
 
-    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Merge by bipartite soft matching, round after round, until ``num_keep`` remain."""
         batch, num_tokens = tokens.shape[:2]
         device = tokens.device
         positions = torch.arange(num_tokens, device=device).expand(batch, -1)

@@ -30,7 +30,16 @@ class UniformReducer(Reducer):
         super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
         self.merge = merge
 
-    def reduce(self, tokens, num_keep, *, scores, protected, sizes) -> Reduction:  # noqa: D102
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Keep evenly spaced tokens; pool the rest into them when ``merge`` is set."""
         batch, num_tokens = tokens.shape[:2]
         device = tokens.device
         num_protected = protected.sum(dim=1, keepdim=True)  # (B, 1)

@@ -95,9 +95,9 @@ class ReducerConformance:
         return create_reducer(self.reducer_name, **{**self.reducer_kwargs, **budget})
 
     def make_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
-        """Extra call arguments for ``tokens``: external scores when the reducer needs them."""
+        """Extra call arguments for ``tokens``: external scores when the reducer uses them."""
         cls = get_reducer_class(self.reducer_name)
-        if cls.requires_scores:
+        if cls.accepts_scores:
             gen = torch.Generator().manual_seed(7)
             return {"scores": torch.rand(tokens.shape[:2], generator=gen).to(tokens.device)}
         return {}
