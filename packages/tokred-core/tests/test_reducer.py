@@ -36,6 +36,7 @@ def test_keep_ratio_rounds_half_up_and_keeps_at_least_one(ratio, num_tokens, exp
     [
         ({}, "exactly one"),
         ({"num_keep": 1, "keep_ratio": 0.5}, "exactly one"),
+        ({"num_keep": 1, "num_remove": 2}, "exactly one"),
         ({"num_keep": 0}, ">= 1"),
         ({"num_keep": 2.5}, "must be an int"),
         ({"num_keep": True}, "must be an int"),
@@ -47,6 +48,30 @@ def test_keep_ratio_rounds_half_up_and_keeps_at_least_one(ratio, num_tokens, exp
 def test_bad_budgets_raise_budget_error(kwargs, match):
     with pytest.raises(BudgetError, match=match):
         KeepFirst(**kwargs)
+
+
+@pytest.mark.parametrize(("num_remove", "num_tokens", "expected"), [(0, 7, 7), (3, 7, 4), (6, 7, 1)])
+def test_num_remove_budget(num_remove, num_tokens, expected):
+    assert Budget(num_remove=num_remove).resolve(num_tokens) == expected
+
+
+def test_num_remove_that_leaves_nothing_is_an_error():
+    with pytest.raises(BudgetError, match="cannot remove 7 of 7 tokens"):
+        Budget(num_remove=7).resolve(7)
+    with pytest.raises(BudgetError, match="cannot remove"):
+        KeepFirst(num_remove=10)(torch.randn(1, 4, 2))
+    with pytest.raises(BudgetError, match="num_remove must be >= 0"):
+        KeepFirst(num_remove=-1)
+
+
+def test_per_call_num_keep_overrides_the_budget():
+    tokens = torch.randn(2, 10, 3)
+    reducer = KeepFirst(keep_ratio=0.5)
+    assert reducer(tokens).num_kept == 5
+    assert reducer(tokens, num_keep=3).num_kept == 3
+    assert reducer(tokens, num_keep=99).tokens is tokens
+    with pytest.raises(BudgetError, match="num_keep must be >= 1"):
+        reducer(tokens, num_keep=0)
 
 
 def test_budget_error_is_a_value_error():
@@ -91,7 +116,7 @@ def test_bad_sizes_and_devices_are_rejected():
 
 def test_config_and_repr():
     reducer = create_reducer("uniform", keep_ratio=0.25, merge=True)
-    assert reducer.config() == {"num_keep": None, "keep_ratio": 0.25, "merge": True}
+    assert reducer.config() == {"num_keep": None, "keep_ratio": 0.25, "num_remove": None, "merge": True}
     assert repr(reducer) == "UniformReducer(keep_ratio=0.25, merge=True)"
 
 

@@ -15,7 +15,7 @@ Example:
 from importlib import metadata as _metadata
 
 from tokred.core import reducers as _reducers  # registers the baselines
-from tokred.core.budget import Budget
+from tokred.core.budget import Budget, BudgetKwargs
 from tokred.core.errors import BudgetError, PluginLoadError, RegistryError, TokredError, UnknownReducerError
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
@@ -38,6 +38,7 @@ del _reducers
 __all__ = [
     "Budget",
     "BudgetError",
+    "BudgetKwargs",
     "PluginLoadError",
     "Reducer",
     "ReducerInfo",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -13,14 +13,19 @@ from tokred.core.errors import BudgetError
 from tokred.core.ops.selection import topk_indices
 from tokred.core.reduction import Reduction
 
+if TYPE_CHECKING:
+    pass
+
 __all__ = ["Reducer", "select_top"]
+
+_BUDGET_FIELDS = ("num_keep", "keep_ratio", "num_remove")
 
 
 class Reducer(abc.ABC):
     """Base class of every token reducer: given token sets, decide which tokens survive and what they carry.
 
-    A reducer is built with its hyper-parameters and a budget (exactly one of ``num_keep`` and ``keep_ratio``)
-    and called on a batch of token sets::
+    A reducer is built with its hyper-parameters and a budget (exactly one of ``num_keep``, ``keep_ratio`` and
+    ``num_remove``) and called on a batch of token sets::
 
         reduction = reducer(tokens, scores=None, protected=None, sizes=None)
 
@@ -28,8 +33,9 @@ class Reducer(abc.ABC):
     when ``K >= N``, and otherwise delegates to :meth:`reduce`, the one method a subclass implements. The
     result is a :class:`~tokred.core.Reduction` whose plan can be applied to any other per-token tensor.
 
-    Subclasses store each constructor argument under an attribute of the same name, so :meth:`config`
-    (and ``create_reducer(name, **reducer.config())``) reproduces the reducer.
+    Subclasses take their own hyper-parameters as keyword arguments plus ``**budget`` (passed on to this
+    constructor), and store each hyper-parameter under an attribute of the same name, so :meth:`config` (and
+    ``create_reducer(name, **reducer.config())``) reproduces the reducer.
 
     Attributes:
         name: Registry name, set by :func:`~tokred.core.register_reducer`.
@@ -41,6 +47,7 @@ class Reducer(abc.ABC):
     Args:
         num_keep: Tokens kept per token set (``>= 1``).
         keep_ratio: Fraction of tokens kept, in ``(0, 1]``, rounded half up, at least 1.
+        num_remove: Tokens removed per token set (``>= 0``), ToMe's ``r``.
     """
 
     name: ClassVar[str] = ""
@@ -48,8 +55,10 @@ class Reducer(abc.ABC):
     requires_scores: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None) -> None:
-        self.budget = Budget(num_keep=num_keep, keep_ratio=keep_ratio)
+    def __init__(
+        self, *, num_keep: int | None = None, keep_ratio: float | None = None, num_remove: int | None = None
+    ) -> None:
+        self.budget = Budget(num_keep=num_keep, keep_ratio=keep_ratio, num_remove=num_remove)
 
     @property
     def num_keep(self) -> int | None:
@@ -61,6 +70,11 @@ class Reducer(abc.ABC):
         """The relative budget, or None when the budget is a count."""
         return self.budget.keep_ratio
 
+    @property
+    def num_remove(self) -> int | None:
+        """The removal budget (tokens removed per call), or None."""
+        return self.budget.num_remove
+
     def __call__(
         self,
         tokens: torch.Tensor,
@@ -68,6 +82,7 @@ class Reducer(abc.ABC):
         scores: torch.Tensor | None = None,
         protected: torch.Tensor | None = None,
         sizes: torch.Tensor | None = None,
+        num_keep: int | None = None,
     ) -> Reduction:
         """Reduce a batch of token sets.
 
@@ -79,6 +94,8 @@ class Reducer(abc.ABC):
                 tokens, newline tokens). They count towards the budget.
             sizes: Optional sizes of shape ``(B, N)``: how many original tokens each input token already
                 stands for (after earlier merges); merges weight by them.
+            num_keep: Optional budget for this call only, overriding the reducer's own: models whose
+                schedule decides how many tokens each step keeps pass it.
 
         Returns:
             The `Reduction`: ``K = min(N, budget)`` tokens per set, in the dtype and on the device of
@@ -90,7 +107,10 @@ class Reducer(abc.ABC):
         """
         protected_mask = self._check_inputs(tokens, scores, protected, sizes)
         num_tokens = tokens.shape[1]
-        num_keep = self.budget.resolve(num_tokens)
+        if num_keep is None:
+            num_keep = self.budget.resolve(num_tokens)
+        else:
+            num_keep = Budget(num_keep=num_keep).resolve(num_tokens)
         if protected is not None:
             most_protected = int(protected_mask.sum(dim=1).max())
             if most_protected > num_keep:
@@ -137,11 +157,12 @@ class Reducer(abc.ABC):
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this reducer, such that ``type(self)(**config())`` rebuilds it."""
         params = inspect.signature(type(self).__init__).parameters
-        return {
+        own = {
             name: getattr(self, name)
             for name, param in params.items()
-            if name != "self" and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+            if name not in ("self", *_BUDGET_FIELDS) and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
         }
+        return {**self.budget.as_dict(), **own}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if v is not None)

@@ -21,6 +21,7 @@ class NormReducer(Reducer):
     Args:
         num_keep: Tokens kept per set.
         keep_ratio: Fraction of tokens kept.
+        num_remove: Tokens removed per set.
     """
 
     def reduce(

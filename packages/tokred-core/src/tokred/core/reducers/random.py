@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from tokred.core.budget import BudgetKwargs
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RandomReducer"]
 
@@ -20,15 +26,14 @@ class RandomReducer(Reducer):
     advances the generator, so successive images get different subsets.
 
     Args:
-        num_keep: Tokens kept per set.
-        keep_ratio: Fraction of tokens kept.
+        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
         seed: Seed of the reducer's generator; None draws from PyTorch's global generator.
     """
 
     stochastic = True
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None, seed: int | None = None):
-        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
+    def __init__(self, *, seed: int | None = None, **budget: Unpack[BudgetKwargs]) -> None:
+        super().__init__(**budget)
         self.seed = seed
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
 

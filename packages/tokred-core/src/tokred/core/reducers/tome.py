@@ -27,6 +27,7 @@ class ToMeReducer(Reducer):
     Args:
         num_keep: Tokens kept per set.
         keep_ratio: Fraction of tokens kept.
+        num_remove: Tokens removed per set.
     """
 
     def reduce(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from tokred.core.budget import BudgetKwargs
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["TopKReducer"]
 
@@ -20,8 +26,7 @@ class TopKReducer(Reducer):
     into their most similar kept token. Ties go to the lower position.
 
     Args:
-        num_keep: Tokens kept per set.
-        keep_ratio: Fraction of tokens kept.
+        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
         merge: Merge every dropped token into its most cosine-similar kept (unprotected) token instead of
             discarding it.
     """
@@ -29,8 +34,8 @@ class TopKReducer(Reducer):
     accepts_scores = True
     requires_scores = True
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None, merge: bool = False):
-        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
+    def __init__(self, *, merge: bool = False, **budget: Unpack[BudgetKwargs]) -> None:
+        super().__init__(**budget)
         self.merge = merge
 
     def reduce(

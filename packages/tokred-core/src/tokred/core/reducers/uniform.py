@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from tokred.core.budget import BudgetKwargs
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["UniformReducer"]
 
@@ -21,13 +27,12 @@ class UniformReducer(Reducer):
     (ties to the earlier one), which for a raster-ordered image is 1-D pooling.
 
     Args:
-        num_keep: Tokens kept per set.
-        keep_ratio: Fraction of tokens kept.
+        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
         merge: Pool dropped tokens into the nearest kept token instead of discarding them.
     """
 
-    def __init__(self, *, num_keep: int | None = None, keep_ratio: float | None = None, merge: bool = False):
-        super().__init__(num_keep=num_keep, keep_ratio=keep_ratio)
+    def __init__(self, *, merge: bool = False, **budget: Unpack[BudgetKwargs]) -> None:
+        super().__init__(**budget)
         self.merge = merge
 
     def reduce(

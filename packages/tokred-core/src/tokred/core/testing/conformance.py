@@ -104,7 +104,7 @@ class ReducerConformance:
 
     def run(self, tokens: torch.Tensor, **kwargs: Any) -> Reduction:
         """Reduce ``tokens`` with a fresh reducer; ``kwargs`` may hold a budget and call arguments."""
-        budget = {k: kwargs.pop(k) for k in ("num_keep", "keep_ratio") if k in kwargs}
+        budget = {k: kwargs.pop(k) for k in ("num_keep", "keep_ratio", "num_remove") if k in kwargs}
         return self.make_reducer(**budget)(tokens, **{**self.make_inputs(tokens), **kwargs})
 
     def tokens(self, **kwargs: Any) -> torch.Tensor:
@@ -158,7 +158,7 @@ class ReducerConformance:
         """``create_reducer(name, **reducer.config())`` rebuilds an equal reducer."""
         reducer = self.make_reducer(num_keep=5)
         config = reducer.config()
-        assert config["num_keep"] == 5 and config["keep_ratio"] is None
+        assert config["num_keep"] == 5 and config["keep_ratio"] is None and config["num_remove"] is None
         rebuilt = create_reducer(self.reducer_name, **config)
         assert rebuilt.config() == config
         assert repr(reducer).startswith(f"{type(reducer).__name__}(")
@@ -177,7 +177,20 @@ class ReducerConformance:
         red = self.run(tokens, keep_ratio=keep_ratio)
         self.check_plan(tokens, red, expected)
 
-    @pytest.mark.parametrize("budget", [{"num_keep": 24}, {"num_keep": 1000}, {"keep_ratio": 1.0}])
+    @pytest.mark.parametrize(("num_remove", "expected"), [(1, 23), (10, 14), (23, 1)])
+    def test_num_remove_budget(self, num_remove: int, expected: int) -> None:
+        """A ``num_remove`` budget removes exactly that many tokens."""
+        tokens = self.tokens()
+        red = self.run(tokens, num_remove=num_remove)
+        self.check_plan(tokens, red, expected)
+
+    def test_per_call_budget_override(self) -> None:
+        """``reducer(tokens, num_keep=K)`` keeps ``K`` whatever the reducer's own budget."""
+        tokens = self.tokens()
+        red = self.make_reducer(keep_ratio=0.5)(tokens, num_keep=5, **self.make_inputs(tokens))
+        self.check_plan(tokens, red, 5)
+
+    @pytest.mark.parametrize("budget", [{"num_keep": 24}, {"num_keep": 1000}, {"keep_ratio": 1.0}, {"num_remove": 0}])
     def test_keep_all_is_identity(self, budget: dict[str, Any]) -> None:
         """A budget of at least N returns every token unchanged."""
         tokens = self.tokens()
@@ -370,10 +383,11 @@ class ReducerConformance:
             {"num_keep": -3},
             {"keep_ratio": 0.0},
             {"keep_ratio": 1.5},
+            {"num_remove": -1},
             {},
             {"num_keep": 4, "keep_ratio": 0.5},
         ],
-        ids=["zero", "negative", "ratio0", "ratio>1", "neither", "both"],
+        ids=["zero", "negative", "ratio0", "ratio>1", "remove<0", "neither", "both"],
     )
     def test_bad_budget_is_rejected(self, budget: dict[str, Any]) -> None:
         """Invalid budgets raise `BudgetError` at construction."""
