@@ -1,0 +1,93 @@
+"""``utr``: the hybrid prune-and-merge of "Rethinking Token Reduction for State Space Models" (UTR)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokred.core import Reducer, Reduction, register_reducer
+from tokred.core.ops import cosine_similarity
+
+__all__ = ["UTRReducer"]
+
+
+@register_reducer("utr")
+class UTRReducer(Reducer):
+    """Pair low-importance tokens with similar high-importance ones; merge half of the chosen, prune the rest.
+
+    From Zhan et al., "Rethinking Token Reduction for State Space Models" (EMNLP 2024, "UTR"), written from
+    the paper and the description of its released code (``reference/mtr.md`` §5.5): importance is the
+    clipped output mass ``Σ_d max(0, y_{t,d})``; the unprotected tokens are split by importance into a low
+    half (sources) and a high half (destinations); each source finds its most cosine-similar destination and
+    the ``r`` most similar sources are removed — the more important half of them merged into their match
+    (size-weighted mean), the less important half pruned. A step removes at most half of the tokens, so
+    larger reductions run several steps. Order is preserved.
+
+    Args:
+        num_keep: Tokens kept per set.
+        keep_ratio: Fraction of tokens kept.
+        num_remove: Tokens removed per set.
+    """
+
+    def reduce(
+        self,
+        tokens: torch.Tensor,
+        num_keep: int,
+        *,
+        scores: torch.Tensor | None,
+        protected: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> Reduction:
+        """Run hybrid prune/merge steps until ``num_keep`` tokens remain."""
+        batch, num_tokens = tokens.shape[:2]
+        device = tokens.device
+        positions = torch.arange(num_tokens, device=device).expand(batch, -1)
+        # Steps run on full-length tensors with an "alive" mask so every row takes its own steps (a row's
+        # result never depends on the batch). owner[i]: the alive position original token i now belongs to.
+        owner = positions.clone()
+        alive = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
+        mass = torch.ones((batch, num_tokens), device=device) if sizes is None else sizes.float().clone()
+        weighted = (tokens.float() * mass.unsqueeze(-1)).reshape(batch * num_tokens, -1)  # size-weighted sums
+        row_offset = torch.arange(batch, device=device).unsqueeze(1) * num_tokens
+        while True:
+            excess = alive.sum(dim=1) - num_keep
+            if int(excess.max()) == 0:
+                break
+            free = alive & ~protected
+            num_free = free.sum(dim=1)
+            # Sources: the less important half of the free tokens; a lone free token is a source with no
+            # destination, which can only be pruned.
+            num_low = torch.where(num_free == 1, 1, num_free // 2)
+            r = torch.minimum(excess, num_low)  # (B,)
+            means = weighted.view(batch, num_tokens, -1) / mass.unsqueeze(-1)
+            importance = means.clamp_min(0).sum(dim=-1).masked_fill(~free, float("inf"))
+            order = torch.sort(importance, dim=1, stable=True).indices  # least important first
+            rank = torch.empty_like(order).scatter_(1, order, positions)
+            is_src = free & (rank < num_low.unsqueeze(1))
+            is_dst = free & ~is_src
+            sim = cosine_similarity(means).masked_fill(~(is_src.unsqueeze(2) & is_dst.unsqueeze(1)), float("-inf"))
+            best_sim, best_dst = sim.max(dim=2)  # (B, N)
+            has_dst = is_dst.any(dim=1, keepdim=True)
+            score = torch.where(is_src, torch.where(has_dst, best_sim, torch.full_like(best_sim, -2.0)), -torch.inf)
+            max_r = int(r.max())
+            chosen = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :max_r]  # (B, R)
+            valid = torch.arange(max_r, device=device).unsqueeze(0) < r.unsqueeze(1)
+            # Of each row's chosen sources, the more important half is merged and the rest pruned.
+            chosen_rank = rank.gather(1, chosen).masked_fill(~valid, -1)
+            by_importance = torch.sort(chosen_rank, dim=1, descending=True, stable=True).indices
+            merge_mask = torch.zeros_like(valid).scatter_(
+                1, by_importance, torch.arange(max_r, device=device).unsqueeze(0) < ((r + 1) // 2).unsqueeze(1)
+            )
+            merge_mask &= valid & has_dst
+            destination = best_dst.gather(1, chosen)
+            flat_src, flat_dst = (chosen + row_offset)[merge_mask], (destination + row_offset)[merge_mask]
+            weighted.index_add_(0, flat_dst, weighted[flat_src])
+            mass.view(-1).index_add_(0, flat_dst, mass.view(-1)[flat_src])
+            # Invalid (padding) entries write into a spare column N, so they never collide with real ones.
+            src = torch.where(valid, chosen, num_tokens)
+            step = torch.cat([positions, positions.new_full((batch, 1), -1)], dim=1)  # (B, N + 1)
+            step.scatter_(1, src, torch.where(merge_mask, destination, -1))
+            removed = torch.zeros((batch, num_tokens + 1), dtype=torch.bool, device=device).scatter_(1, src, True)
+            alive &= ~removed[:, :num_tokens]
+            owner = torch.where(owner >= 0, step[:, :num_tokens].gather(1, owner.clamp_min(0)), -1)
+        kept = torch.nonzero(alive)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
+        return Reduction.from_targets(tokens, kept, owner, sizes)
