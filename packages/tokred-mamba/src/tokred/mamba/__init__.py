@@ -1,14 +1,58 @@
 """tokred-mamba: Vision Mamba models in pure PyTorch and MTR token reduction.
 
-Vim, VideoMamba, the selective-scan backends and MTR land here next; this release only establishes the
-package.
+Vim and VideoMamba with the module names of the official checkpoints, a timm-style registry, safe checkpoint
+loading, the evaluation preprocessing, the selective-scan backends, and token reduction inside the models.
+
+Example:
+    >>> import torch
+    >>> from tokred.mamba import create_model
+    >>> model = create_model("vim_test").eval()            # create_model("vim_small", "vim_s_….pth") for real
+    >>> model(torch.randn(2, 3, model.img_size, model.img_size)).shape
+    torch.Size([2, 10])
 """
 
 from importlib import metadata as _metadata
+
+from tokred.mamba.flops import count_flops
+from tokred.mamba.models import (
+    CheckpointError,
+    LoadedCheckpoint,
+    MambaClassifier,
+    UnknownModelError,
+    VideoMamba,
+    VideoMambaImage,
+    VisionMamba,
+    available_models,
+    create_model,
+    load_checkpoint,
+    register_model,
+)
+from tokred.mamba.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, load_image, preprocess_image
+from tokred.mamba.reduction import attach
 
 try:
     __version__ = _metadata.version("tokred-mamba")
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CheckpointError",
+    "ImageFolder",
+    "LoadedCheckpoint",
+    "MambaClassifier",
+    "UnknownModelError",
+    "VideoMamba",
+    "VideoMambaImage",
+    "VisionMamba",
+    "__version__",
+    "attach",
+    "available_models",
+    "count_flops",
+    "create_model",
+    "load_checkpoint",
+    "load_image",
+    "preprocess_image",
+    "register_model",
+]
