@@ -73,7 +73,9 @@ def test_public_modules_declare_all():
         assert hasattr(importlib.import_module(name), "__all__"), f"{name} has no __all__"
 
 
-@pytest.mark.parametrize("name", list(public_modules(tokred.core)))
+@pytest.mark.parametrize(
+    "name", [*public_modules(tokred.core), *public_modules(importlib.import_module("tokred.mamba"))]
+)
 def test_docstring_examples_run(name, monkeypatch):
     # Examples may register reducers; keep that out of the process-wide registry.
     monkeypatch.setattr(REDUCERS, "_objects", dict(REDUCERS._objects))
@@ -82,7 +84,7 @@ def test_docstring_examples_run(name, monkeypatch):
     assert result.failed == 0
 
 
-@pytest.mark.parametrize("page", ["index.md", "getting-started.md", "reducers.md"])
+@pytest.mark.parametrize("page", ["index.md", "getting-started.md", "reducers.md", "mamba/mtr.md"])
 def test_page_examples_run(page):
     namespace = {}
     blocks = [code for lang, title, code in code_blocks(DOCS / page) if lang == "python" and title is None]

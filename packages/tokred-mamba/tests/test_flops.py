@@ -77,3 +77,15 @@ def test_impossible_cuts_and_schedules_are_refused():
         solve_schedule(model, 1.5)
     with pytest.raises(ValueError, match="convention"):
         count_flops(model, convention="fvcore")
+
+
+@pytest.mark.parametrize(("name", "published"), [("vim_tiny", 1.45), ("vim_small", 5.08), ("vim_base", 18.87)])
+def test_real_models_built_on_meta_reproduce_the_published_figures(name, published):
+    import torch
+
+    from tokred.mamba import create_model
+
+    with torch.device("meta"):
+        model = create_model(name)
+    assert abs(count_flops(model) / 1e9 - published) / published < 0.01
+    assert count_flops(model, schedule={}) == count_flops(vim_sizes(model.embed_dim), schedule={})
