@@ -360,7 +360,8 @@ def hand_mixer(mixer, hidden):
     return torch.einsum("de,bel->bld", p["out_proj.weight"], combined), deltas
 
 
-@pytest.mark.parametrize("backend", ["auto", *available_backends()])
+# CPU tensors here: mamba_ssm (listed where CUDA and the kernels exist) is covered by the GPU scan tests.
+@pytest.mark.parametrize("backend", ["auto", *(b for b in available_backends() if b != "mamba_ssm")])
 @pytest.mark.parametrize("divide_out", [True, False])
 def test_bidirectional_mixer_equals_a_hand_computation(divide_out, backend):
     mixer = randomized_mixer(divide_out, backend=backend)

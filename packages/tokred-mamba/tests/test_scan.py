@@ -4,7 +4,9 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -229,6 +231,36 @@ def test_chunked_is_the_same_with_and_without_autograd():
     functional = selective_scan_chunked(u, **x, delta_softplus=True, chunk_size=6)
     assert functional.requires_grad
     assert_close_scaled(functional.detach(), buffered, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 2), (2, 0, 5, 2)])
+def test_chunked_handles_empty_batches_and_channels(shape):
+    x = make_inputs(*shape)
+    y = selective_scan_chunked(**x, delta_softplus=True)
+    assert y.shape == shape[:3]
+    assert torch.equal(y, selective_scan_reference(**x, delta_softplus=True))
+
+
+def test_chunked_workspace_works_across_inference_mode_and_threads(monkeypatch):
+    # The CPU scratch memory is kept per thread: a first call in inference mode must not leave an inference
+    # tensor behind that a later no-grad call would have to update in place, and threads must not share it.
+    monkeypatch.setattr(scan_module, "_workspaces", threading.local())
+    x = make_inputs(2, 6, 50, 4, seed=13)
+    expected = selective_scan_reference(**x, delta_softplus=True)
+    with torch.inference_mode():
+        assert_close_scaled(selective_scan_chunked(**x, delta_softplus=True), expected, 2e-6)
+    with torch.no_grad():
+        assert_close_scaled(selective_scan_chunked(**x, delta_softplus=True), expected, 2e-6)
+
+    def run(seed):
+        inputs = make_inputs(3, 8, 60 + seed, 4, seed=seed)
+        outs = [selective_scan_chunked(**inputs, delta_softplus=True, chunk_size=5) for _ in range(5)]
+        return outs, selective_scan_reference(**inputs, delta_softplus=True)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for outs, ref in pool.map(run, range(8)):
+            for out in outs:
+                assert_close_scaled(out, ref, 2e-6)
 
 
 def test_chunked_rejects_nonpositive_settings():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from typing import Literal
 
 import torch
@@ -51,6 +52,9 @@ _CONCRETE = ("reference", "chunked", "mamba_ssm")
 _LOG2E = math.log2(math.e)
 _logger = logging.getLogger(__name__)
 _logged_fallbacks: set[str] = set()
+_workspaces = threading.local()
+# Elements kept per slot: two default CPU blocks with their per-chunk state; Vim-S inputs at batch 8.
+_WORKSPACE_MAX = {"block": 9 << 20, "stage": 4 << 20}
 
 
 def selective_scan_reference(
@@ -140,18 +144,16 @@ def _check_inputs(
     if state < 1:
         raise ValueError(f"A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
     expected = {
-        "delta": (batch, channels, length),
-        "z": (batch, channels, length),
-        "B": (batch, state, length),
-        "C": (batch, state, length),
-        "D": (channels,),
-        "delta_bias": (channels,),
+        "delta": ("(B, D, L)", (batch, channels, length)),
+        "z": ("(B, D, L)", (batch, channels, length)),
+        "B": ("(B, N, L)", (batch, state, length)),
+        "C": ("(B, N, L)", (batch, state, length)),
+        "D": ("(D,)", (channels,)),
+        "delta_bias": ("(D,)", (channels,)),
     }
-    layouts = {"delta": "(B, D, L)", "z": "(B, D, L)", "B": "(B, N, L)", "C": "(B, N, L)", "D": "(D,)"}
-    for name, shape in expected.items():
+    for name, (layout, shape) in expected.items():
         t = tensors[name]
         if t is not None and tuple(t.shape) != shape:
-            layout = layouts.get(name, "(D,)")
             raise ValueError(
                 f"{name} must have shape {layout} = {shape} to match u {tuple(u.shape)} and A {tuple(A.shape)}, "
                 f"got {tuple(t.shape)}"
@@ -188,16 +190,37 @@ def _time_major(t: torch.Tensor, chunk: int, chunks: int) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], chunks, chunk).permute(3, 2, 0, 1).contiguous()
 
 
-def _steps_last(t: torch.Tensor, steps: int) -> torch.Tensor:
-    """``(B, K, L)`` → ``(B, steps, K)`` contiguous, zero-padded after ``L``.
+def _steps_last(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write ``(B, K, L)`` into ``out`` ``(B, steps, K)`` transposed, zero after ``L``; returns ``out``.
 
     A plain 2-D transpose per batch, several times cheaper than permuting straight into ``(T, nc, B, K)``.
     """
-    batch, width, length = t.shape
-    out = t.new_empty(batch, steps, width)
+    length = t.shape[-1]
     out[:, length:].zero_()
     out[:, :length].copy_(t.transpose(1, 2))
     return out
+
+
+def _workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:
+    """A flat scratch tensor of ``numel`` elements; on CPU reused across calls, per thread, dtype and slot.
+
+    Paging in fresh memory costs up to a third of the scan's arithmetic on CPU (glibc hands large freed blocks
+    back to the OS), so the CPU keeps its scratch: slot ``"block"`` (the two work buffers, about 18 MiB in fp32
+    at the default block size) and slot ``"stage"`` (the time-major inputs, ``B·L·D`` sized). A request above
+    the slot's cap in ``_WORKSPACE_MAX`` is allocated afresh and not kept. GPU memory goes through PyTorch's
+    caching allocator instead.
+    """
+    if like.device.type != "cpu" or numel > _WORKSPACE_MAX[slot]:
+        return like.new_empty(numel)
+    cache = getattr(_workspaces, "buffers", None)
+    if cache is None:
+        cache = _workspaces.buffers = {}
+    buffer = cache.get((like.dtype, slot))
+    if buffer is None or buffer.numel() < numel:
+        # Made outside inference mode: an inference tensor could not be updated in place outside it.
+        with torch.inference_mode(False):
+            buffer = cache[like.dtype, slot] = torch.empty(numel, dtype=like.dtype)
+    return buffer[:numel]
 
 
 def _scan_buffered(
@@ -213,20 +236,24 @@ def _scan_buffered(
 
     Works block by block, a block being some batch rows times a run of consecutive chunks, with two reused
     ``(T, chunks, rows, N, D)`` buffers: the working set stays in cache and no large allocation is paged in per
-    call. Blocks of one batch row go in time order and hand their final state to the next.
+    call. Blocks of the same rows go in time order, each handing its final state to the next.
     """
     batch, channels, length = delta.shape
     state = A.shape[1]
     chunk, chunks = _chunk_layout(length, chunk_size)
     steps = chunk * chunks
 
-    def time_major(t: torch.Tensor) -> torch.Tensor:  # (B, K, L) -> (T, nc, B, K) view, K contiguous
-        return _steps_last(t, steps).view(batch, chunks, chunk, t.shape[1]).permute(2, 1, 0, 3)
+    span = batch * steps * channels
+    stage = _workspace(delta, 2 * span + chunks * batch * state * channels, "stage")
 
-    dl = time_major(delta)  # (T, nc, B, D)
-    xl = time_major(x)  # (T, nc, B, D)
-    bl = time_major(B)  # (T, nc, B, N)
-    cl = time_major(C).contiguous()  # (T, nc, B, N)
+    def time_major(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # (B, K, L) -> (T, nc, B, K), K contiguous
+        out = _steps_last(t, out.view(batch, steps, t.shape[1]))
+        return out.view(batch, chunks, chunk, t.shape[1]).permute(2, 1, 0, 3)
+
+    dl = time_major(delta, stage[:span])  # (T, nc, B, D)
+    xl = time_major(x, stage[span : 2 * span])  # (T, nc, B, D)
+    bl = time_major(B, B.new_empty(batch * steps * state))  # (T, nc, B, N)
+    cl = time_major(C, C.new_empty(batch * steps * state)).contiguous()  # (T, nc, B, N)
     # exp(Δ A) = 2^(Δ · A log2 e): exp2 is about twice as fast as exp on CPU.
     a2 = (A * _LOG2E).t().contiguous()  # (N, D), channels last so that every product is contiguous along D
     # Decays below the smallest normal number are raised to it: the CPU's denormal path is 10-50x slower, and
@@ -241,22 +268,24 @@ def _scan_buffered(
         lowest = torch.minimum(torch.minimum(dmin * amin, dmin * amax), torch.minimum(dmax * amin, dmax * amax))
         clamp = bool(lowest.min() < floor)
     # Each chunk's total decay exp(A Σ_chunk Δ), for carrying states across chunk boundaries.
-    tot = torch.mul(dl.sum(0)[:, :, None, :], a2).clamp_(min=floor).exp2_()  # (nc, B, N, D)
+    tot = stage[2 * span :].view(chunks, batch, state, channels)  # (nc, B, N, D)
+    torch.mul(dl.sum(0)[:, :, None, :], a2, out=tot).clamp_(min=floor).exp2_()
 
+    # A block takes batch rows first, then chunks: with every row in a block, one-chunk blocks need neither
+    # pass 1 nor pass 2 and each sequential op covers the whole batch (fewer, larger ops); with few rows, many
+    # chunks per block keep the sequential op count near 2T + nc.
     per_chunk = chunk * state * channels  # buffer elements per (batch row, chunk)
     fit = max(1, block_elements // per_chunk)
-    if fit >= chunks:
-        group, bw = chunks, min(batch, fit // chunks)
-    else:
-        bw = 1
-        group = -(-chunks // -(-chunks // fit))  # even split of the chunks into the fewest blocks
+    bw = min(batch, fit)
+    bw = -(-batch // -(-batch // bw))  # even split of the batch into the fewest blocks
+    group = min(chunks, max(1, fit // bw))
+    group = -(-chunks // -(-chunks // group))  # even split of the chunks into the fewest blocks
     size = chunk * group * bw * state * channels
-    dec_buf = delta.new_empty(size)
-    bu_buf = delta.new_empty(size)
-    hend_buf = delta.new_empty(group * bw * state * channels)
-    hin_buf = delta.new_empty(group * bw * state * channels)
-    y_buf = delta.new_empty(chunk * group * bw * channels)
-    carry_buf = delta.new_empty(bw * state * channels) if group < chunks else None
+    small = group * bw * state * channels
+    work = _workspace(delta, 2 * size + 2 * small + bw * state * channels + chunk * group * bw * channels, "block")
+    dec_buf, bu_buf, hend_buf, hin_buf, carry_buf, y_buf = work.split(
+        [size, size, small, small, bw * state * channels, chunk * group * bw * channels]
+    )
     y = delta.new_empty(batch, chunks, chunk, channels)
 
     for b0 in range(0, batch, bw):
@@ -367,11 +396,17 @@ def selective_scan_chunked(
     (for ``A ≤ 0``), so nothing is ever divided by a small decay or exponentiated upward: it is exactly the
     reference recurrence, reordered, and agrees with it to rounding.
 
+    The work goes in blocks of batch rows × consecutive chunks, rows first: with the whole batch in a block,
+    one-chunk blocks run the scan straight through in time (``L`` sequential ops over the whole batch); with
+    few rows, the chunks of a block are scanned side by side (about ``2T + L/T`` sequential ops).
+
     Math in fp32 (fp64 for fp64 ``u``). exp is evaluated as exp2 (half the cost on CPU), and decays below
     the smallest normal float are raised to it (the CPU's denormal path is 10-50x slower); both change results
     only at rounding level. Memory: two work buffers of about ``block_elements`` elements and a few ``(B, D, L)``
-    tensors. Under autograd or ``torch.compile`` a functional variant of the same passes runs instead, with
-    whole ``(B, D, L, N)`` intermediates.
+    tensors; on CPU the scratch memory (about 18 MiB fp32 at the defaults, 52 MiB at most) is kept per thread
+    and reused, because paging in fresh memory costs as much as a third of the arithmetic. Under autograd or
+    ``torch.compile`` a functional variant of the same three passes runs instead, with whole ``(B, D, L, N)``
+    intermediates.
 
     Args:
         u: Input ``(B, D, L)``.
@@ -384,7 +419,7 @@ def selective_scan_chunked(
         delta_bias: Optional ``(D,)`` added to ``delta``.
         delta_softplus: Apply softplus to ``delta + delta_bias``.
         chunk_size: Target chunk length ``T``; default ``max(20, √L)`` (20 is the fastest on CPU at Vim's
-            ``L = 197``). One call runs about ``2T + L/T`` sequential tensor ops per block.
+            ``L = 197``).
         block_elements: Target elements per work buffer, ``T·N·D`` per (batch row, chunk); a block holds at
             least one. Default 2^21 on CPU (two buffers fit a typical L3 cache) and 2^26 on GPU.
 
@@ -421,23 +456,27 @@ def _chunked(
     out_dtype = u.dtype
     u, A, B, C = (t.to(dtype) for t in (u, A, B, C))
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    if u.numel() == 0:
-        y = torch.zeros_like(u)
-    else:
-        x = delta * u
-        functional = torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, C))
-        )
-        if functional:
-            y = _scan_functional(delta, x, A, B, C, chunk_size)
-        else:
-            y = _scan_buffered(delta, x, A, B, C, chunk_size, block_elements)
+    x = delta * u
+    if x.numel() == 0:
+        return torch.zeros_like(u, dtype=out_dtype)
+    functional = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, A, B, C, D, z) if t is not None)
+    )
+    if functional:
+        y = _scan_functional(delta, x, A, B, C, chunk_size)
+        if D is not None:
+            y = torch.addcmul(y, u, D.to(dtype)[:, None])
+        if z is not None:
+            y = y * F.silu(z.to(dtype))
+        return y.to(out_dtype).contiguous()
+    # The buffered scan returns a transposed view of a fresh tensor: one copy makes it the contiguous output,
+    # which the skip and the gate then update in place.
+    y = _scan_buffered(delta, x, A, B, C, chunk_size, block_elements).contiguous()
     if D is not None:
-        y = torch.addcmul(y, u, D.to(dtype)[:, None])
+        y.addcmul_(u, D.to(dtype)[:, None])
     if z is not None:
-        y = y * F.silu(z.to(dtype))
-    # The buffered scan returns a transposed view; the epilogue or this copy makes it contiguous (B, D, L).
-    return y.to(out_dtype).contiguous()
+        y.mul_(F.silu(z.to(dtype)))
+    return y.to(out_dtype)
 
 
 def available_backends() -> list[str]:
@@ -489,7 +528,9 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, sta
         return "mamba_ssm"
     if device.type == "cuda" and reason not in _logged_fallbacks:
         _logged_fallbacks.add(reason)
-        _logger.warning("selective_scan(backend='auto'): using the chunked PyTorch scan on CUDA because %s", reason)
+        # A missing install is worth a warning; compile tracing, float64 or N > 256 are expected fallbacks.
+        level = logging.WARNING if reason.startswith("mamba-ssm") else logging.INFO
+        _logger.log(level, "selective_scan(backend='auto'): the chunked PyTorch scan runs on CUDA because %s", reason)
     return "chunked"
 
 
