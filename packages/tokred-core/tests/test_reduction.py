@@ -119,3 +119,21 @@ def test_merge_into_nearest_without_allowed_slots_drops():
     tokens = make_tokens(1, 6, 3)
     red = Reduction.merge_into_nearest(tokens, torch.tensor([[2, 4]]), allowed=torch.zeros(1, 2, dtype=torch.bool))
     assert red.dropped_mask.sum() == 4 and torch.equal(red.tokens, tokens[:, [2, 4]])
+
+
+def test_merge_rounds_track_owners_sums_and_padding():
+    from tokred.core import MergeRounds
+
+    tokens = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
+    rounds = MergeRounds(tokens, sizes=torch.tensor([[1.0, 2, 1, 1, 1, 1], [1.0] * 6]))
+    # Row 0: 1 -> 2 (merge), 4 dropped. Row 1: only 0 -> 5, the second entry is padding.
+    rounds.remove(torch.tensor([[1, 4], [0, -1]]), torch.tensor([[2, -1], [5, -1]]))
+    assert rounds.alive.tolist() == [[True, False, True, True, False, True], [False, True, True, True, True, True]]
+    assert rounds.excess(4).tolist() == [0, 1]
+    rounds.remove(torch.tensor([[-1], [2]]), torch.tensor([[-1], [5]]))  # a second round for row 1 only
+    assert rounds.owner.tolist() == [[0, 2, 2, 3, -1, 5], [5, 1, 5, 3, 4, 5]]
+    red = rounds.finish(4)
+    assert red.indices.tolist() == [[0, 2, 3, 5], [1, 3, 4, 5]]
+    torch.testing.assert_close(red.tokens[0, 1, 0], torch.tensor((2 * 1.0 + 1 * 2.0) / 3))  # size-weighted
+    torch.testing.assert_close(red.tokens[1, 3, 0], torch.tensor((6.0 + 8.0 + 11.0) / 3))
+    torch.testing.assert_close(rounds.means()[1, 5, 0], red.tokens[1, 3, 0])

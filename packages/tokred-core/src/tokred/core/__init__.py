@@ -27,6 +27,7 @@ from tokred.core.registry import (
     reducer_info,
     register_reducer,
 )
+from tokred.core.rounds import MergeRounds
 
 try:
     __version__ = _metadata.version("tokred-core")
@@ -39,6 +40,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "BudgetKwargs",
+    "MergeRounds",
     "PluginLoadError",
     "Reducer",
     "ReducerInfo",

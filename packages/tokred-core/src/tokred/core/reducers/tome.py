@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from tokred.core.ops.matching import bipartite_soft_matching
-from tokred.core.ops.selection import topk_indices
+from tokred.core.ops.selection import gather_tokens, topk_indices
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
+from tokred.core.rounds import MergeRounds
 
 __all__ = ["ToMeReducer"]
 
@@ -40,42 +41,21 @@ class ToMeReducer(Reducer):
         sizes: torch.Tensor | None,
     ) -> Reduction:
         """Merge by bipartite soft matching, round after round, until ``num_keep`` remain."""
-        batch, num_tokens = tokens.shape[:2]
-        device = tokens.device
-        positions = torch.arange(num_tokens, device=device).expand(batch, -1)
-        # Rounds run on the full-length tensors with an "alive" mask, so rows may need different numbers of
-        # rounds. owner[i] is the alive position that original token i has been merged into (-1: dropped).
-        owner = positions.clone()
-        alive = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
-        # Each alive position holds the size-weighted *sum* of the tokens merged into it. Cosine similarity
-        # ignores the scale, so matching runs on the sums directly and a merge is one row addition.
-        weighted = tokens.float() if sizes is None else tokens.float() * sizes.float().unsqueeze(-1)
-        weighted = weighted.reshape(batch * num_tokens, -1).clone()  # (B * N, C), owned
-        row_offset = torch.arange(batch, device=device).unsqueeze(1) * num_tokens  # (B, 1)
+        rounds = MergeRounds(tokens, sizes)
         while True:
-            excess = alive.sum(dim=1) - num_keep
+            excess = rounds.excess(num_keep)
             if int(excess.max()) == 0:
                 break
-            free = alive & ~protected
+            free = rounds.alive & ~protected
             r = torch.minimum(excess, (free.sum(dim=1) + 1) // 2)
             # Match on the alive tokens only (plus, in rows with fewer, some dead ones masked out), in order:
-            # the result is the same as on the full masked sequence at a fraction of the N x N cost.
-            window = topk_indices(alive, int(alive.sum(dim=1).max()))  # (B, M) ascending
-            window_tokens = weighted.view(batch, num_tokens, -1).gather(
-                1, window.unsqueeze(-1).expand(-1, -1, weighted.shape[1])
+            # the result is the same as on the full masked sequence at a fraction of the N x N cost. Matching
+            # on the size-weighted sums is matching on the means: cosine similarity ignores the scale.
+            window = topk_indices(rounds.alive, int(rounds.alive.sum(dim=1).max()))  # (B, M) ascending
+            match = bipartite_soft_matching(
+                gather_tokens(rounds.weighted, window), r, protected=~free.gather(1, window)
             )
-            match = bipartite_soft_matching(window_tokens, r, protected=~free.gather(1, window))
-            paired = match.sources >= 0
-            sources = window.gather(1, match.sources.clamp_min(0))
+            sources = torch.where(match.sources >= 0, window.gather(1, match.sources.clamp_min(0)), -1)
             destinations = torch.where(match.destinations >= 0, window.gather(1, match.destinations.clamp_min(0)), -1)
-            merging = paired & (destinations >= 0)
-            weighted.index_add_(0, (destinations + row_offset)[merging], weighted[(sources + row_offset)[merging]])
-            # Padding entries write into a spare column N, so they can never collide with a real source.
-            src = torch.where(paired, sources, num_tokens)
-            step = torch.cat([positions, positions.new_full((batch, 1), -1)], dim=1)  # (B, N + 1)
-            step.scatter_(1, src, torch.where(paired, destinations, -1))  # source -> destination (-1: dropped)
-            removed = torch.zeros((batch, num_tokens + 1), dtype=torch.bool, device=device).scatter_(1, src, True)
-            alive &= ~removed[:, :num_tokens]
-            owner = torch.where(owner >= 0, step[:, :num_tokens].gather(1, owner.clamp_min(0)), -1)
-        kept = torch.nonzero(alive)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
-        return Reduction.from_targets(tokens, kept, owner, sizes)
+            rounds.remove(sources, destinations)
+        return rounds.finish(num_keep)

@@ -6,6 +6,7 @@ import torch
 
 from tokred.core import Reducer, Reduction, register_reducer
 from tokred.core.ops import cosine_similarity
+from tokred.core.rounds import MergeRounds
 
 __all__ = ["UTRReducer"]
 
@@ -38,30 +39,22 @@ class UTRReducer(Reducer):
         sizes: torch.Tensor | None,
     ) -> Reduction:
         """Run hybrid prune/merge steps until ``num_keep`` tokens remain."""
-        batch, num_tokens = tokens.shape[:2]
         device = tokens.device
-        positions = torch.arange(num_tokens, device=device).expand(batch, -1)
-        # Steps run on full-length tensors with an "alive" mask so every row takes its own steps (a row's
-        # result never depends on the batch). owner[i]: the alive position original token i now belongs to.
-        owner = positions.clone()
-        alive = torch.ones((batch, num_tokens), dtype=torch.bool, device=device)
-        mass = torch.ones((batch, num_tokens), device=device) if sizes is None else sizes.float().clone()
-        weighted = (tokens.float() * mass.unsqueeze(-1)).reshape(batch * num_tokens, -1)  # size-weighted sums
-        row_offset = torch.arange(batch, device=device).unsqueeze(1) * num_tokens
+        rounds = MergeRounds(tokens, sizes)
         while True:
-            excess = alive.sum(dim=1) - num_keep
+            excess = rounds.excess(num_keep)
             if int(excess.max()) == 0:
                 break
-            free = alive & ~protected
+            free = rounds.alive & ~protected
             num_free = free.sum(dim=1)
             # Sources: the less important half of the free tokens; a lone free token is a source with no
             # destination, which can only be pruned.
             num_low = torch.where(num_free == 1, 1, num_free // 2)
             r = torch.minimum(excess, num_low)  # (B,)
-            means = weighted.view(batch, num_tokens, -1) / mass.unsqueeze(-1)
+            means = rounds.means()
             importance = means.clamp_min(0).sum(dim=-1).masked_fill(~free, float("inf"))
             order = torch.sort(importance, dim=1, stable=True).indices  # least important first
-            rank = torch.empty_like(order).scatter_(1, order, positions)
+            rank = torch.empty_like(order).scatter_(1, order, rounds.positions)
             is_src = free & (rank < num_low.unsqueeze(1))
             is_dst = free & ~is_src
             sim = cosine_similarity(means).masked_fill(~(is_src.unsqueeze(2) & is_dst.unsqueeze(1)), float("-inf"))
@@ -78,16 +71,6 @@ class UTRReducer(Reducer):
                 1, by_importance, torch.arange(max_r, device=device).unsqueeze(0) < ((r + 1) // 2).unsqueeze(1)
             )
             merge_mask &= valid & has_dst
-            destination = best_dst.gather(1, chosen)
-            flat_src, flat_dst = (chosen + row_offset)[merge_mask], (destination + row_offset)[merge_mask]
-            weighted.index_add_(0, flat_dst, weighted[flat_src])
-            mass.view(-1).index_add_(0, flat_dst, mass.view(-1)[flat_src])
-            # Invalid (padding) entries write into a spare column N, so they never collide with real ones.
-            src = torch.where(valid, chosen, num_tokens)
-            step = torch.cat([positions, positions.new_full((batch, 1), -1)], dim=1)  # (B, N + 1)
-            step.scatter_(1, src, torch.where(merge_mask, destination, -1))
-            removed = torch.zeros((batch, num_tokens + 1), dtype=torch.bool, device=device).scatter_(1, src, True)
-            alive &= ~removed[:, :num_tokens]
-            owner = torch.where(owner >= 0, step[:, :num_tokens].gather(1, owner.clamp_min(0)), -1)
-        kept = torch.nonzero(alive)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
-        return Reduction.from_targets(tokens, kept, owner, sizes)
+            destinations = torch.where(merge_mask, best_dst.gather(1, chosen), -1)
+            rounds.remove(torch.where(valid, chosen, -1), destinations)
+        return rounds.finish(num_keep)
