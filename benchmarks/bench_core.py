@@ -93,10 +93,13 @@ def main() -> None:
         ("assign_to_nearest", f"N x K={k}", lambda: assign_to_nearest(tokens, kept_tokens)),
         ("bipartite_soft_matching", f"r={n // 2}", lambda: bipartite_soft_matching(tokens, n // 2)),
     ]
-    for name in ("random", "uniform", "norm", "divprune", "tome"):
+    for name in ("random", "uniform", "norm", "divprune", "tome", "topk"):
         kwargs = {"seed": 0} if name == "random" else {}
         reducer = create_reducer(name, num_keep=k, **kwargs)
-        cases.append((f"reducer `{name}`", f"K={k}", lambda reducer=reducer: reducer(tokens)))
+        extra = {"scores": scores} if reducer.accepts_scores else {}
+        cases.append((f"reducer `{name}`", f"K={k}", lambda reducer=reducer, extra=extra: reducer(tokens, **extra)))
+    merging_topk = create_reducer("topk", num_keep=k, merge=True)
+    cases.append(("reducer `topk`, merge=True", f"K={k}", lambda: merging_topk(tokens, scores=scores)))
 
     print(
         f"tokred-core numerics: B={b}, N={n}, C={c}, {args.dtype} on {device}"
