@@ -14,7 +14,12 @@ from torch import nn
 
 from tokred.mamba.ops import selective_scan
 
-__all__ = ["BidirectionalMamba"]
+__all__ = ["BidirectionalMamba", "default_dt_rank"]
+
+
+def default_dt_rank(d_model: int) -> int:
+    """Mamba's default rank of the Δ projection: ``ceil(d_model / 16)``."""
+    return math.ceil(d_model / 16)
 
 
 def _init_dt_proj(
@@ -98,7 +103,7 @@ class BidirectionalMamba(nn.Module):
         self.d_conv = d_conv
         self.expand = expand
         self.d_inner = expand * d_model
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        self.dt_rank = default_dt_rank(d_model) if dt_rank is None else dt_rank
         self.divide_out = divide_out
         self.scan_backend = scan_backend
         self.record_delta = False

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tokred.mamba.layers import BidirectionalMamba, Block, RMSNorm
+from tokred.mamba.layers.mixer import default_dt_rank
 from tokred.mamba.models.checkpoint import resize_pos_embed
 from tokred.mamba.models.registry import register_model
 
@@ -106,7 +107,7 @@ class MambaClassifier(nn.Module):
         self.d_conv = d_conv
         self.expand = expand
         self.d_inner = expand * embed_dim
-        self.dt_rank = math.ceil(embed_dim / 16) if dt_rank is None else dt_rank
+        self.dt_rank = default_dt_rank(embed_dim) if dt_rank is None else dt_rank
         self.divide_out = divide_out
         self.token_reduction: Any = None
         self.model_name: str | None = None
