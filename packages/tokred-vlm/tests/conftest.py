@@ -1,0 +1,186 @@
+"""An independent reference for reduced VLM runs, written without any of tokred.vlm's hooks.
+
+It rebuilds, one row at a time, what an attached model should compute: the model's own embeddings and visual
+features, the reducer called directly on each group (groups written out by hand from the row's images and
+videos), the shortened sequence with its positions, and then the *unmodified* model run on ``inputs_embeds``
+with a plain greedy loop over its cache. Tests compare attached ``model(**inputs)`` and ``model.generate``
+logits against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tokred.vlm.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Image, Video
+
+
+def item_groups(family: str, model, item, *, multi_image: bool = False) -> list[int]:
+    """Group label of each placeholder token of one image or video, by hand; -1 marks structural tokens.
+
+    Anyres images must have a size equal to one of the tiny models' grid pinpoints (28x56, 56x28, 56x56), so
+    no unpadding or interpolation happens and crops tile the grid regularly.
+    """
+    vision = model.config.vision_config
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        patch, merge = vision.patch_size, vision.spatial_merge_size
+        h, w = item.height // patch, item.width // patch
+        per_frame = h * w // merge**2
+        frames = 1 if isinstance(item, Image) else item.frames // vision.temporal_patch_size
+        return [f for f in range(frames) for _ in range(per_frame)]
+    grid = vision.image_size // vision.patch_size
+    if isinstance(item, Video):
+        if family == "video_llava":
+            return [g for f in range(item.frames) for g in [-1] + [f] * grid**2]
+        per_frame = math.ceil(grid / 2) ** 2  # llava_onevision
+        return [f for f in range(item.frames) for _ in range(per_frame)] + [-1]
+    if family in ("llava", "video_llava"):
+        return [0] * grid**2
+    size = vision.image_size
+    if multi_image:  # LLaVA-OneVision does not tile the images of a multi-image row: base crop + newline
+        return [0] * grid**2 + [-1]
+    assert (item.height, item.width) in [(28, 56), (56, 28), (56, 56)], "oracle needs a pinpoint-sized image"
+    rows, cols = item.height // size, item.width // size
+    groups = [0] * grid**2
+    for r in range(rows * grid):
+        groups += [1 + (r // grid) * cols + c // grid for c in range(cols * grid)] + [-1]
+    return groups
+
+
+@dataclass
+class ReferenceRun:
+    """What the unmodified model computes on the hand-reduced sequence."""
+
+    prefill_logits: torch.Tensor  # (B, L', V)
+    step_logits: list[torch.Tensor]  # each (B, V)
+    tokens: torch.Tensor  # (B, steps)
+    lengths: list[int]  # reduced length of each row
+
+
+def _full_embeddings(model, inputs):
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    base = model.model
+    for modality, token_id in (("image", IMAGE_TOKEN_ID), ("video", VIDEO_TOKEN_ID)):
+        key = "pixel_values" if modality == "image" else "pixel_values_videos"
+        if inputs.get(key) is None:
+            continue
+        function = getattr(base, f"get_{modality}_features")
+        import inspect
+
+        names = inspect.signature(function).parameters
+        call = {k: v for k, v in inputs.items() if k in names}
+        pooled = function(**call, return_dict=True).pooler_output
+        features = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
+        mask = inputs["input_ids"] == token_id
+        embeds = embeds.clone()
+        embeds[mask] = features.to(embeds.dtype)
+    return embeds
+
+
+def _original_positions(model, family, inputs, mode):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        positions, _ = model.model.get_rope_index(
+            ids,
+            inputs["mm_token_type_ids"],
+            inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"),
+            attention_mask=mask,
+        )
+        return positions  # (3, B, L)
+    if mode == "forward":  # a plain call: the decoder numbers every column, padding included
+        return torch.arange(ids.shape[1]).expand(ids.shape)
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)  # generate
+
+
+def reference_run(model, family, inputs, rows, reducer, *, positions="original", mode="generate", steps=4):
+    """Reduce each row by hand and run the unmodified ``model`` on the result (see the module docstring).
+
+    Args:
+        model: The model, with nothing attached.
+        family: Its family name.
+        inputs: What tokred.vlm.testing.tiny_inputs built (left padded).
+        rows: The row specs given to tiny_inputs.
+        reducer: The reducer (llm space).
+        positions: "original" or "compact" (one-row positions only).
+        mode: "generate" (positions as generate numbers them) or "forward" (plain call).
+        steps: Greedy decode steps after the prefill.
+    """
+    with torch.no_grad():
+        embeds = _full_embeddings(model, inputs)
+        original = _original_positions(model, family, inputs, mode)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        multi = family == "llava_onevision"
+        new_rows = []
+        for b, row in enumerate(rows):
+            items = [x for x in row if not isinstance(x, int)]
+            labels = []
+            many_images = sum(isinstance(x, Image) for x in items) > 1
+            for index, item in enumerate(items):
+                labels += [
+                    (index, g) if g >= 0 else None
+                    for g in item_groups(family, model, item, multi_image=multi and many_images)
+                ]
+            visual = (ids[b] == IMAGE_TOKEN_ID) | (ids[b] == VIDEO_TOKEN_ID)
+            columns = torch.nonzero(mask[b]).squeeze(1).tolist()
+            visual_columns = [c for c in columns if visual[c]]
+            assert len(visual_columns) == len(labels), (len(visual_columns), len(labels))
+            row_embeds = embeds[b].clone()
+            keep = {c: not visual[c] for c in columns}
+            for label in dict.fromkeys(lb for lb in labels if lb is not None):
+                members = [c for c, lb in zip(visual_columns, labels, strict=True) if lb == label]
+                reduction = reducer(row_embeds[members].unsqueeze(0))
+                for slot, index in enumerate(reduction.indices[0].tolist()):
+                    keep[members[index]] = True
+                    row_embeds[members[index]] = reduction.tokens[0, slot]
+            for c, lb in zip(visual_columns, labels, strict=True):
+                if lb is None:
+                    keep[c] = True
+            kept = [c for c in columns if keep[c]]
+            pos = original[..., b, kept] if original.dim() == 3 else original[b, kept]
+            if positions == "compact":
+                assert original.dim() == 2, "the reference compacts one-row positions only"
+                pos = original[b, columns[0]] + torch.arange(len(kept))
+            new_rows.append((row_embeds[kept], pos))
+        length = max(len(e) for e, _ in new_rows)
+        batch = len(new_rows)
+        width = embeds.shape[-1]
+        new_embeds = torch.zeros(batch, length, width, dtype=embeds.dtype)
+        new_mask = torch.zeros(batch, length, dtype=torch.long)
+        three = original.dim() == 3
+        new_pos = torch.zeros((3, batch, length) if three else (batch, length), dtype=torch.long)
+        for b, (e, p) in enumerate(new_rows):
+            new_embeds[b, length - len(e) :] = e
+            new_mask[b, length - len(e) :] = 1
+            new_pos[..., b, length - len(e) :] = p
+        out = model(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, use_cache=True)
+        prefill_logits = out.logits
+        cache = out.cache
+        step_logits, tokens = [], []
+        last = new_pos[..., -1:]
+        logits = prefill_logits[:, -1]
+        for step in range(steps):
+            step_logits.append(logits)
+            token = logits.argmax(-1)
+            tokens.append(token)
+            new_mask = torch.cat([new_mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            pos = last + 1 + step
+            out = model(
+                inputs_embeds=model.get_input_embeddings()(token[:, None]),
+                attention_mask=new_mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache
+            logits = out.logits[:, -1]
+        return ReferenceRun(prefill_logits, step_logits, torch.stack(tokens, 1), [len(e) for e, _ in new_rows])
+
+
+@pytest.fixture
+def reference():
+    """The independent reference, as a fixture so test modules need no import path."""
+    return reference_run

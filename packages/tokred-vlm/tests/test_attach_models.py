@@ -1,0 +1,155 @@
+"""attach() on every supported model class: keep-all identity, and reduced runs against the independent reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokred.core import create_reducer
+from tokred.vlm import SUPPORTED_MODELS, attach
+from tokred.vlm.testing import FAMILIES, Image, Video, tiny_inputs, tiny_model
+
+# Rows per family: a left-padded batch with a different number of images per row, videos where the model takes
+# them. Anyres images have pinpoint sizes so the reference can write their crops out by hand.
+ROWS = {
+    "llava": [[3, Image(), 4], [2, Image(), 3, Image(), 2]],
+    "llava_next": [[3, Image(28, 56), 4], [2, Image(56, 56), 2, Image(56, 28), 2]],
+    "qwen2_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(2, 56, 56), 2]],
+    "qwen2_5_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(2, 56, 56), 2]],
+    "llava_onevision": [[3, Image(56, 56), 4], [2, Video(2), 2]],
+    "video_llava": [[3, Image(), 4], [2, Video(2), 2]],
+}
+FAMILY = {f.name: f for f in SUPPORTED_MODELS}
+STEPS = 4
+
+
+def _generate(model, inputs, **kwargs):
+    settings = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    settings.update(kwargs)
+    with torch.no_grad():
+        return model.generate(**inputs, **settings)
+
+
+def _spaces(family):
+    return ["llm", "vision"] if FAMILY[family].vision_space else ["llm"]
+
+
+@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("eager", "sdpa")], ids=lambda p: "-".join(p))
+def model_case(request):
+    family, attn = request.param
+    model = tiny_model(family, attn_implementation=attn, seed=0)
+    inputs = tiny_inputs(model, ROWS[family], seed=1)
+    return family, model, inputs
+
+
+def test_families_cover_every_supported_class():
+    assert sorted(FAMILIES) == sorted(FAMILY)
+
+
+def test_keep_all_is_identical_to_the_unmodified_model(model_case):
+    family, model, inputs = model_case
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    expected = _generate(model, inputs)
+    for space in _spaces(family):
+        for positions in ("original", "compact"):
+            with attach(model, create_reducer("uniform", num_keep=10_000), space=space, positions=positions) as handle:
+                with torch.no_grad():
+                    assert torch.equal(model(**inputs).logits, logits), (space, positions)
+                out = _generate(model, inputs)
+                assert handle.last_prefill.reduced_length == handle.last_prefill.original_length
+            assert torch.equal(out.sequences, expected.sequences)
+            for step, (got, want) in enumerate(zip(out.logits, expected.logits, strict=True)):
+                assert torch.equal(got, want), (space, positions, step)
+
+
+@pytest.mark.parametrize("reducer_name", ["tome", "norm"])
+def test_reduced_run_matches_the_independent_reference(model_case, reference, reducer_name):
+    family, model, inputs = model_case
+    reducer = (
+        create_reducer(reducer_name, keep_ratio=0.5)
+        if reducer_name == "tome"
+        else create_reducer(reducer_name, num_keep=3)
+    )
+    positions = FAMILY[family].default_positions
+    with attach(model, reducer, space="llm") as handle:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        stats = handle.last_prefill
+        out = _generate(model, inputs)
+    want_forward = reference(model, family, inputs, ROWS[family], reducer, positions=positions, mode="forward")
+    want = reference(model, family, inputs, ROWS[family], reducer, positions=positions, mode="generate", steps=STEPS)
+    # The prefill is shorter by exactly the dropped visual tokens, and equals the reference's.
+    valid = inputs["attention_mask"].sum(1)
+    dropped = stats.visual_tokens - stats.kept_visual_tokens
+    assert dropped > 0
+    assert int(valid.sum()) - dropped == sum(want.lengths)
+    assert logits.shape[1] == max(want.lengths) == stats.reduced_length < stats.original_length
+    real = torch.zeros(logits.shape[:2], dtype=torch.bool)  # padding columns carry no meaning
+    for row, length in enumerate(want.lengths):
+        real[row, logits.shape[1] - length :] = True
+    torch.testing.assert_close(logits[real], want_forward.prefill_logits[real], rtol=1e-5, atol=1e-5)
+    for step, (got, expected) in enumerate(zip(out.logits, want.step_logits, strict=True)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1] :], want.tokens)
+    # The reduction is real: the unmodified model predicts something else.
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+    assert not torch.allclose(full, logits[:, -1], atol=1e-4)
+
+
+def test_each_row_alone_gives_the_same_result_as_in_the_batch(model_case):
+    family, model, inputs = model_case
+    reducer = create_reducer("tome", keep_ratio=0.5)
+    with attach(model, reducer):
+        batch = _generate(model, inputs)
+        for row, _spec in enumerate(ROWS[family]):
+            alone = _generate(model, _row(model, family, row))
+            assert torch.equal(alone.sequences[0, -STEPS:], batch.sequences[row, -STEPS:])
+            for got, want in zip(alone.logits, batch.logits, strict=True):
+                torch.testing.assert_close(got[0], want[row], rtol=1e-4, atol=1e-5)
+
+
+def _row(model, family, row):
+    """The inputs of one row of the batch, built as the batch built them (same pixels, same text)."""
+    full = tiny_inputs(model, ROWS[family], seed=1)
+    mask = full["attention_mask"][row].bool()
+    single = {
+        "input_ids": full["input_ids"][row, mask][None],
+        "attention_mask": full["attention_mask"][row, mask][None],
+    }
+    if "mm_token_type_ids" in full:
+        single["mm_token_type_ids"] = full["mm_token_type_ids"][row, mask][None]
+    counts = _media_counts(ROWS[family])
+    images_before = sum(c[0] for c in counts[:row])
+    videos_before = sum(c[1] for c in counts[:row])
+    images, videos = counts[row]
+    for key, value in full.items():
+        if key in single or value is None:
+            continue
+        if key in ("pixel_values", "image_sizes", "batch_num_images") and family not in ("qwen2_vl", "qwen2_5_vl"):
+            if key == "batch_num_images":
+                single[key] = value[row : row + 1]
+            else:
+                single[key] = value[images_before : images_before + images]
+        elif key == "pixel_values_videos" and family not in ("qwen2_vl", "qwen2_5_vl"):
+            single[key] = value[videos_before : videos_before + videos]
+        elif key == "image_grid_thw":
+            single[key] = value[images_before : images_before + images]
+            patches = value.prod(-1)
+            start = int(patches[:images_before].sum())
+            single["pixel_values"] = full["pixel_values"][
+                start : start + int(patches[images_before : images_before + images].sum())
+            ]
+        elif key == "video_grid_thw":
+            single[key] = value[videos_before : videos_before + videos]
+            patches = value.prod(-1)
+            start = int(patches[:videos_before].sum())
+            single["pixel_values_videos"] = full["pixel_values_videos"][
+                start : start + int(patches[videos_before : videos_before + videos].sum())
+            ]
+    return {k: v for k, v in single.items() if not (isinstance(v, torch.Tensor) and v.numel() == 0)}
+
+
+def _media_counts(rows):
+    return [(sum(isinstance(x, Image) for x in r), sum(isinstance(x, Video) for x in r)) for r in rows]
