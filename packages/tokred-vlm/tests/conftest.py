@@ -58,6 +58,9 @@ class ReferenceRun:
     step_logits: list[torch.Tensor]  # each (B, V)
     tokens: torch.Tensor  # (B, steps)
     lengths: list[int]  # reduced length of each row
+    embeds: torch.Tensor  # (B, L', C) the hand-reduced, left-padded prefill
+    mask: torch.Tensor  # (B, L')
+    positions: torch.Tensor  # (B, L') or (3, B, L')
 
 
 def _full_embeddings(model, inputs):
@@ -80,6 +83,43 @@ def _full_embeddings(model, inputs):
     return embeds
 
 
+def _vision_space(model, family, inputs, reducer):
+    """``space="vision"`` by hand for LLaVA and Video-LLaVA: reduce each image or frame of the vision tower's
+    selected features, project, and return the embeddings with a keep flag per placeholder token."""
+    base, config = model.model, model.config
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
+    keep = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+    towers = [("image", IMAGE_TOKEN_ID, "pixel_values")]
+    if family == "video_llava":
+        towers.append(("video", VIDEO_TOKEN_ID, "pixel_values_videos"))
+    for modality, token_id, key in towers:
+        pixels = inputs.get(key)
+        if pixels is None:
+            continue
+        tower = base.vision_tower if family == "llava" else getattr(base, f"{modality}_tower")
+        if modality == "video":
+            pixels = pixels.flatten(0, 1)  # one row per frame
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        if modality == "image":
+            hidden = hidden[:, 1:]  # the "default" strategy drops the class token of images
+        structural = 1 if modality == "video" else 0  # video frames keep their class token, unreduced
+        rows, row_keep = [], []
+        for features in hidden:
+            reduction = reducer(features[structural:].unsqueeze(0))
+            merged = features.clone()
+            flags = torch.zeros(len(features), dtype=torch.bool)
+            flags[:structural] = True
+            for slot, index in enumerate(reduction.indices[0].tolist()):
+                merged[structural + index] = reduction.tokens[0, slot]
+                flags[structural + index] = True
+            rows.append(base.multi_modal_projector(merged.unsqueeze(0))[0])
+            row_keep.append(flags)
+        mask = inputs["input_ids"] == token_id
+        embeds[mask] = torch.cat(rows).to(embeds.dtype)
+        keep[mask] = torch.cat(row_keep)
+    return embeds, keep
+
+
 def _original_positions(model, family, inputs, mode):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if family in ("qwen2_vl", "qwen2_5_vl"):
@@ -96,7 +136,7 @@ def _original_positions(model, family, inputs, mode):
     return (mask.long().cumsum(-1) - 1).clamp_min(0)  # generate
 
 
-def reference_run(model, family, inputs, rows, reducer, *, positions="original", mode="generate", steps=4):
+def reference_run(model, family, inputs, rows, reducer, *, positions="original", mode="generate", steps=4, space="llm"):
     """Reduce each row by hand and run the unmodified ``model`` on the result (see the module docstring).
 
     Args:
@@ -108,9 +148,13 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
         positions: "original" or "compact" (one-row positions only).
         mode: "generate" (positions as generate numbers them) or "forward" (plain call).
         steps: Greedy decode steps after the prefill.
+        space: "llm", or "vision" (LLaVA and Video-LLaVA only).
     """
     with torch.no_grad():
-        embeds = _full_embeddings(model, inputs)
+        if space == "vision":
+            embeds, vision_keep = _vision_space(model, family, inputs, reducer)
+        else:
+            embeds = _full_embeddings(model, inputs)
         original = _original_positions(model, family, inputs, mode)
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         multi = family == "llava_onevision"
@@ -129,8 +173,8 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
             visual_columns = [c for c in columns if visual[c]]
             assert len(visual_columns) == len(labels), (len(visual_columns), len(labels))
             row_embeds = embeds[b].clone()
-            keep = {c: not visual[c] for c in columns}
-            for label in dict.fromkeys(lb for lb in labels if lb is not None):
+            keep = {c: not visual[c] or (space == "vision" and bool(vision_keep[b, c])) for c in columns}
+            for label in dict.fromkeys(lb for lb in labels if lb is not None and space == "llm"):
                 members = [c for c, lb in zip(visual_columns, labels, strict=True) if lb == label]
                 reduction = reducer(row_embeds[members].unsqueeze(0))
                 for slot, index in enumerate(reduction.indices[0].tolist()):
@@ -156,6 +200,7 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
             new_embeds[b, length - len(e) :] = e
             new_mask[b, length - len(e) :] = 1
             new_pos[..., b, length - len(e) :] = p
+        prefill = (new_embeds, new_mask.clone(), new_pos)
         out = model(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, use_cache=True)
         prefill_logits = out.logits
         cache = out.cache
@@ -177,10 +222,17 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
             )
             cache = out.cache
             logits = out.logits[:, -1]
-        return ReferenceRun(prefill_logits, step_logits, torch.stack(tokens, 1), [len(e) for e, _ in new_rows])
+        lengths = [len(e) for e, _ in new_rows]
+        return ReferenceRun(prefill_logits, step_logits, torch.stack(tokens, 1), lengths, *prefill)
 
 
 @pytest.fixture
 def reference():
     """The independent reference, as a fixture so test modules need no import path."""
     return reference_run
+
+
+@pytest.fixture
+def hand_groups():
+    """The reference's hand-written group labels of one image or video (see item_groups)."""
+    return item_groups

@@ -14,8 +14,8 @@ from tokred.vlm.testing import FAMILIES, Image, Video, tiny_inputs, tiny_model
 ROWS = {
     "llava": [[3, Image(), 4], [2, Image(), 3, Image(), 2]],
     "llava_next": [[3, Image(28, 56), 4], [2, Image(56, 56), 2, Image(56, 28), 2]],
-    "qwen2_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(2, 56, 56), 2]],
-    "qwen2_5_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(2, 56, 56), 2]],
+    "qwen2_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
+    "qwen2_5_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
     "llava_onevision": [[3, Image(56, 56), 4], [2, Video(2), 2]],
     "video_llava": [[3, Image(), 4], [2, Video(2), 2]],
 }
@@ -153,3 +153,66 @@ def _row(model, family, row):
 
 def _media_counts(rows):
     return [(sum(isinstance(x, Image) for x in r), sum(isinstance(x, Video) for x in r)) for r in rows]
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("reducer_name", ["tome", "norm"])
+def test_vision_space_matches_the_independent_reference(reference, family, reducer_name):
+    """space="vision" merges in the vision tower's space and projects afterwards (ApET's LLaVA setting)."""
+    model = tiny_model(family, attn_implementation="sdpa")
+    inputs = tiny_inputs(model, ROWS[family], seed=2)
+    reducer = create_reducer(reducer_name, num_keep=5)
+    positions = FAMILY[family].default_positions
+    with attach(model, reducer, space="vision") as handle:
+        out = _generate(model, inputs)
+        stats = handle.last_prefill
+    want = reference(model, family, inputs, ROWS[family], reducer, positions=positions, steps=STEPS, space="vision")
+    assert stats.reduced_length == max(want.lengths) < stats.original_length
+    for step, (got, expected) in enumerate(zip(out.logits, want.step_logits, strict=True)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    # Merging before the projector is not the same as merging after it.
+    llm = reference(model, family, inputs, ROWS[family], reducer, positions=positions, steps=1, space="llm")
+    assert not torch.allclose(llm.step_logits[0], want.step_logits[0], atol=1e-4)
+
+
+def _group_sizes(item_groups, model, family, rows):
+    """(group sizes, structural token count) of every image and video in the rows, written out by hand."""
+    sizes, structural = [], 0
+    for row in rows:
+        items = [x for x in row if not isinstance(x, int)]
+        multi = family == "llava_onevision" and sum(isinstance(x, Image) for x in items) > 1
+        for item in items:
+            labels = item_groups(family, model, item, multi_image=multi)
+            structural += labels.count(-1)
+            sizes += [labels.count(g) for g in sorted(set(labels) - {-1})]
+    return sizes, structural
+
+
+@pytest.mark.parametrize(("family", "space"), [(f, s) for f in FAMILIES for s in _spaces(f)])
+def test_every_image_crop_and_frame_is_its_own_group(hand_groups, family, space):
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, ROWS[family], seed=4)
+    budget = 3
+    with attach(model, create_reducer("norm", num_keep=budget), space=space) as handle, torch.no_grad():
+        model(**inputs)
+    sizes, structural = _group_sizes(hand_groups, model, family, ROWS[family])
+    stats = handle.last_prefill
+    assert stats.groups == len(sizes)
+    assert stats.kept_visual_tokens == sum(min(budget, n) for n in sizes) + structural
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_video_groups_video_gives_one_budget_per_video(family):
+    model = tiny_model(family)
+    rows = [[2, Video(4, 56, 56) if family == "qwen2_vl" else Video(3), 2]]
+    inputs = tiny_inputs(model, rows)
+    with attach(model, create_reducer("norm", num_keep=3), video_groups="frame") as handle, torch.no_grad():
+        model(**inputs)
+    frames = handle.last_prefill
+    with attach(model, create_reducer("norm", num_keep=3), video_groups="video") as handle, torch.no_grad():
+        model(**inputs)
+    whole = handle.last_prefill
+    newline = 1 if family == "llava_onevision" else 0
+    assert whole.groups == 1 and frames.groups == (2 if family == "qwen2_vl" else 3)
+    assert whole.kept_visual_tokens == 3 + newline
+    assert frames.kept_visual_tokens == 3 * frames.groups + newline

@@ -7,7 +7,8 @@ Video-LLaVA model run with fewer visual tokens, through its usual ``model(**inpu
 
 from importlib import metadata as _metadata
 
-from tokred.vlm.attach import Attachment, PrefillStats, attach
+from tokred.vlm.apet import ApET
+from tokred.vlm.attachment import Attachment, PrefillStats, attach
 from tokred.vlm.models import SUPPORTED_MODELS, ModelFamily, supported_model_names
 
 try:
@@ -17,6 +18,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 __all__ = [
     "SUPPORTED_MODELS",
+    "ApET",
     "Attachment",
     "ModelFamily",
     "PrefillStats",

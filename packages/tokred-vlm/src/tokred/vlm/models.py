@@ -4,7 +4,7 @@ Everything model-specific lives here: which transformers class belongs to which 
 ``space`` and ``positions`` (those of ApET's released code), and how one encoded image or video (one entry of
 ``get_image_features(...).pooler_output``) splits into token groups — crops, frames — and structural tokens
 that are always kept (LLaVA-NeXT's row newlines, Video-LLaVA's per-frame class token, LLaVA-OneVision's
-video newline). The hooks in :mod:`tokred.vlm.attach` are the same for every family.
+video newline). The hooks in :mod:`tokred.vlm.attachment` are the same for every family.
 """
 
 from __future__ import annotations

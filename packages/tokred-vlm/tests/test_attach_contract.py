@@ -1,0 +1,207 @@
+"""attach()'s contract: detach restores the model, bad input gets a clear error, handles stay independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokred.core import Reducer, Reduction, create_reducer
+from tokred.vlm import attach, supported_model_names
+from tokred.vlm.testing import IMAGE_TOKEN_ID, Image, Video, tiny_inputs, tiny_model
+
+ROWS = [[3, Image(), 4], [2, Image(), 3, Image(), 2]]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_model("llava", attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_model("qwen2_vl", attn_implementation="sdpa")
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _hook_counts(model):
+    return [
+        (len(m._forward_pre_hooks), len(m._forward_hooks), sorted(k for k in vars(m) if k.startswith(("get_", "pack"))))
+        for m in model.modules()
+    ]
+
+
+def test_detach_restores_the_model_exactly(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    before_logits = _logits(llava, inputs)
+    before_hooks = _hook_counts(llava)
+    before_state = {k: v.clone() for k, v in llava.state_dict().items()}
+    handle = attach(llava, create_reducer("tome", num_keep=4), space="vision")
+    assert handle.attached
+    assert _logits(llava, inputs).shape[1] < before_logits.shape[1]
+    handle.detach()
+    assert not handle.attached
+    assert _hook_counts(llava) == before_hooks
+    assert torch.equal(_logits(llava, inputs), before_logits)
+    assert all(torch.equal(v, before_state[k]) for k, v in llava.state_dict().items())
+    handle.detach()  # a second detach is harmless
+
+
+def test_context_manager_detaches_even_on_error(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    with pytest.raises(KeyError), attach(llava, create_reducer("random", num_keep=3, seed=0)):
+        raise KeyError("boom")
+    assert torch.equal(_logits(llava, inputs), _logits(tiny_model("llava", attn_implementation="sdpa"), inputs))
+
+
+def test_attaching_twice_is_an_error(llava):
+    with attach(llava, create_reducer("norm", num_keep=3)) as first:
+        with pytest.raises(RuntimeError, match=r"already attached.*detach"):
+            attach(llava, create_reducer("norm", num_keep=5))
+        assert first.attached
+    attach(llava, create_reducer("norm", num_keep=5)).detach()  # free again once detached
+
+
+def test_two_models_attached_at_once_do_not_interfere(llava, qwen):
+    llava_inputs = tiny_inputs(llava, ROWS)
+    qwen_inputs = tiny_inputs(qwen, [[3, Image(56, 56), 2, Video(2, 56, 56), 1]])
+    with attach(llava, create_reducer("norm", num_keep=3)):
+        llava_alone = _logits(llava, llava_inputs)
+    with attach(qwen, create_reducer("tome", keep_ratio=0.5)):
+        qwen_alone = _logits(qwen, qwen_inputs)
+    with attach(llava, create_reducer("norm", num_keep=3)), attach(qwen, create_reducer("tome", keep_ratio=0.5)):
+        for _ in range(2):  # interleaved calls
+            assert torch.equal(_logits(qwen, qwen_inputs), qwen_alone)
+            assert torch.equal(_logits(llava, llava_inputs), llava_alone)
+
+
+def test_unsupported_model_names_the_supported_ones():
+    with pytest.raises(TypeError, match=r"LlavaForConditionalGeneration.*Qwen2VLForConditionalGeneration"):
+        attach(torch.nn.Linear(2, 2), create_reducer("norm", num_keep=3))
+    assert "VideoLlavaForConditionalGeneration" in supported_model_names()
+
+
+def test_bad_arguments_are_refused(llava, qwen):
+    reducer = create_reducer("norm", num_keep=3)
+    with pytest.raises(ValueError, match="space must be"):
+        attach(llava, reducer, space="pixels")
+    with pytest.raises(ValueError, match="positions must be"):
+        attach(llava, reducer, positions="shuffled")
+    with pytest.raises(ValueError, match="video_groups must be"):
+        attach(llava, reducer, video_groups="clip")
+    with pytest.raises(TypeError, match="must be a tokred Reducer"):
+        attach(llava, lambda tokens: tokens)
+    with pytest.raises(ValueError, match=r"space='vision' is not possible for Qwen2-VL: its merger"):
+        attach(qwen, reducer, space="vision")
+    onevision = tiny_model("llava_onevision")
+    with pytest.raises(ValueError, match=r"space='vision' is not possible for LLaVA-OneVision"):
+        attach(onevision, reducer, space="vision")
+    with pytest.raises(ValueError, match="needs model-supplied scores"):
+        attach(llava, create_reducer("topk", num_keep=3))
+
+
+def test_a_budget_larger_than_a_group_keeps_everything(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    with attach(llava, create_reducer("norm", num_keep=16)) as handle:  # exactly the 16 tokens of an image
+        assert torch.equal(_logits(llava, inputs), _logits_detached(llava, inputs, handle))
+        assert handle.last_prefill.kept_visual_tokens == handle.last_prefill.visual_tokens
+
+
+def _logits_detached(model, inputs, handle):
+    handle.detach()
+    try:
+        return _logits(model, inputs)
+    finally:
+        handle._install()
+
+
+def test_labels_are_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    llava.train()
+    try:
+        with (
+            attach(llava, create_reducer("norm", num_keep=3)),
+            pytest.raises(ValueError, match="does not support labels"),
+        ):
+            llava(**inputs, labels=inputs["input_ids"])
+    finally:
+        llava.eval()
+
+
+def test_images_without_placeholders_are_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, 5)
+    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="no image placeholder"):
+        _logits(llava, inputs)
+
+
+def test_placeholder_count_disagreeing_with_images_is_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    inputs["pixel_values"] = inputs["pixel_values"][:2]  # three images in the prompt, two given
+    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="placeholder tokens"):
+        _logits(llava, inputs)
+
+
+def test_placeholders_without_images_are_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    del inputs["pixel_values"]
+    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="no image inputs"):
+        _logits(llava, inputs)
+
+
+class _WrongCount(Reducer):
+    """Claims a budget of 3 but returns 4 tokens: a broken plug-in."""
+
+    name = "wrong-count"
+
+    def __call__(self, tokens, **kwargs):
+        return Reduction.from_selection(tokens, torch.arange(4).expand(tokens.shape[0], 4))
+
+    def reduce(self, tokens, num_keep, *, scores, protected, sizes):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+def test_a_reducer_whose_output_disagrees_with_its_budget_is_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    for space in ("llm", "vision"):
+        with attach(llava, _WrongCount(num_keep=3), space=space), pytest.raises(ValueError, match=r"expected indices"):
+            _logits(llava, inputs)
+
+
+def test_chunked_prefill_is_not_implemented(llava):
+    inputs = tiny_inputs(llava, ROWS[:1])
+    with (
+        attach(llava, create_reducer("norm", num_keep=3)),
+        pytest.raises(NotImplementedError, match="prefill_chunk_size"),
+    ):
+        llava.generate(**inputs, max_new_tokens=2, prefill_chunk_size=8)
+
+
+def test_continuing_a_cache_with_new_images_is_not_implemented(llava):
+    inputs = tiny_inputs(llava, ROWS[:1])
+    with attach(llava, create_reducer("norm", num_keep=3)), torch.no_grad():
+        first = llava(**inputs, use_cache=True)
+        more = tiny_inputs(llava, [[Image(), 2]])
+        more["input_ids"] = more["input_ids"][:, 1:]  # a second turn: no BOS
+        more["attention_mask"] = torch.ones(1, first.logits.shape[1] + more["input_ids"].shape[1], dtype=torch.long)
+        with pytest.raises(NotImplementedError, match="continuing a cache with new images"):
+            llava(**more, cache=first.cache)
+
+
+def test_features_encoded_before_attach_are_refused(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    with torch.no_grad():
+        encoded = llava.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
+        with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(RuntimeError, match="before attach"):
+            llava(**inputs, mm_encoder_outputs={"image": encoded})
+
+
+def test_a_text_only_call_passes_through(llava):
+    inputs = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    expected = _logits(llava, inputs)
+    with attach(llava, create_reducer("norm", num_keep=3)) as handle:
+        assert torch.equal(_logits(llava, inputs), expected)
+        assert handle.last_prefill is None
