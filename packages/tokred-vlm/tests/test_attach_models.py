@@ -63,14 +63,18 @@ def test_keep_all_is_identical_to_the_unmodified_model(model_case):
                 assert torch.equal(got, want), (space, positions, step)
 
 
-@pytest.mark.parametrize("reducer_name", ["tome", "norm"])
+REDUCERS = {
+    "tome": lambda: create_reducer("tome", keep_ratio=0.5),
+    "norm": lambda: create_reducer("norm", num_keep=3),
+    "apet": lambda: create_reducer("apet", num_keep=3, num_basis=2),
+    "apet-reference": lambda: create_reducer("apet", num_keep=3, num_basis=2, variant="reference"),
+}
+
+
+@pytest.mark.parametrize("reducer_name", list(REDUCERS))
 def test_reduced_run_matches_the_independent_reference(model_case, reference, reducer_name):
     family, model, inputs = model_case
-    reducer = (
-        create_reducer(reducer_name, keep_ratio=0.5)
-        if reducer_name == "tome"
-        else create_reducer(reducer_name, num_keep=3)
-    )
+    reducer = REDUCERS[reducer_name]()
     positions = FAMILY[family].default_positions
     with attach(model, reducer, space="llm") as handle:
         with torch.no_grad():
@@ -156,12 +160,14 @@ def _media_counts(rows):
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava"])
-@pytest.mark.parametrize("reducer_name", ["tome", "norm"])
+@pytest.mark.parametrize("reducer_name", ["tome", "norm", "apet"])
 def test_vision_space_matches_the_independent_reference(reference, family, reducer_name):
     """space="vision" merges in the vision tower's space and projects afterwards (ApET's LLaVA setting)."""
     model = tiny_model(family, attn_implementation="sdpa")
     inputs = tiny_inputs(model, ROWS[family], seed=2)
     reducer = create_reducer(reducer_name, num_keep=5)
+    if reducer_name == "apet":
+        reducer = create_reducer("apet", num_keep=5, num_basis=2)
     positions = FAMILY[family].default_positions
     with attach(model, reducer, space="vision") as handle:
         out = _generate(model, inputs)
