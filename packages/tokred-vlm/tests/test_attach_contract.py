@@ -205,3 +205,22 @@ def test_a_text_only_call_passes_through(llava):
     with attach(llava, create_reducer("norm", num_keep=3)) as handle:
         assert torch.equal(_logits(llava, inputs), expected)
         assert handle.last_prefill is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_half_precision_models_keep_their_dtype(family, dtype):
+    model = tiny_model(family, attn_implementation="sdpa", dtype=dtype)
+    rows = [[3, Image(), 4]] if family == "llava" else [[3, Image(56, 56), 4]]
+    inputs = tiny_inputs(model, rows)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with attach(model, create_reducer("apet", num_keep=10_000)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)  # keep-all stays exact in half precision
+    with attach(model, create_reducer("apet", num_keep=3, num_basis=2)) as handle, torch.no_grad():
+        assert model(**inputs).logits.dtype == dtype
+        out = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        assert handle.last_prefill.reduced_length < handle.last_prefill.original_length
+    assert all(torch.isfinite(step).all() for step in out.logits)

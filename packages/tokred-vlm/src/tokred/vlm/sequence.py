@@ -127,29 +127,23 @@ def _compact_one_row(positions: torch.Tensor, survive: torch.Tensor, valid: torc
 def _compact_mrope(positions: torch.Tensor, survive: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     out = positions.clone()
     for row in range(positions.shape[1]):
+        pos, alive = positions[:, row], survive[row]  # (R, L), (L,)
+        # Runs of equal group id (text runs included) are handled as one slice each.
+        ids = group_ids[row]
+        starts = torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).squeeze(1).tolist() + [ids.numel()]
         shift = 0
-        pos = positions[:, row]  # (R, L)
-        groups = group_ids[row]
-        column = 0
-        length = pos.shape[1]
-        alive = survive[row]
-        while column < length:
-            group = int(groups[column])
-            end = column + 1
-            while end < length and int(groups[end]) == group and group >= 0:
-                end += 1
-            if group < 0:
-                out[:, row, column:end] = pos[:, column:end] - shift
-            else:
-                span = pos[:, column:end]  # (R, n)
-                kept = span[:, alive[column:end]]
-                if kept.shape[1]:
-                    low, high = span.amin(dim=1), span.amax(dim=1)
-                    kept_low, kept_high = kept.amin(dim=1), kept.amax(dim=1)
-                    # Each axis is re-anchored at the group's start corner, keeping offsets between kept tokens.
-                    out[:, row, column:end] = span - shift - (kept_low - low).unsqueeze(1)
-                    shift += int((high - low).max()) - int((kept_high - kept_low).max())
-            column = end
+        for column, end in zip(starts[:-1], starts[1:], strict=True):
+            span = pos[:, column:end]  # (R, n)
+            if int(ids[column]) < 0:
+                out[:, row, column:end] = span - shift
+                continue
+            kept = span[:, alive[column:end]]
+            if kept.shape[1]:
+                low, high = span.amin(dim=1), span.amax(dim=1)
+                kept_low, kept_high = kept.amin(dim=1), kept.amax(dim=1)
+                # Each axis is re-anchored at the group's start corner, keeping offsets between kept tokens.
+                out[:, row, column:end] = span - shift - (kept_low - low).unsqueeze(1)
+                shift += int((high - low).max()) - int((kept_high - kept_low).max())
     return out
 
 
