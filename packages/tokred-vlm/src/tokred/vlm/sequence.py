@@ -8,6 +8,8 @@ layout whose first row is the text position).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 __all__ = [
@@ -130,9 +132,9 @@ def _compact_mrope(positions: torch.Tensor, survive: torch.Tensor, group_ids: to
         pos, alive = positions[:, row], survive[row]  # (R, L), (L,)
         # Runs of equal group id (text runs included) are handled as one slice each.
         ids = group_ids[row]
-        starts = torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).squeeze(1).tolist() + [ids.numel()]
+        starts = [*torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).squeeze(1).tolist(), ids.numel()]
         shift = 0
-        for column, end in zip(starts[:-1], starts[1:], strict=True):
+        for column, end in itertools.pairwise(starts):
             span = pos[:, column:end]  # (R, n)
             if int(ids[column]) < 0:
                 out[:, row, column:end] = span - shift
