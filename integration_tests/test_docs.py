@@ -74,7 +74,12 @@ def test_public_modules_declare_all():
 
 
 @pytest.mark.parametrize(
-    "name", [*public_modules(tokred.core), *public_modules(importlib.import_module("tokred.mamba"))]
+    "name",
+    [
+        *public_modules(tokred.core),
+        *public_modules(importlib.import_module("tokred.vlm")),
+        *public_modules(importlib.import_module("tokred.mamba")),
+    ],
 )
 def test_docstring_examples_run(name, monkeypatch):
     # Examples may register reducers; keep that out of the process-wide registry.
@@ -84,7 +89,23 @@ def test_docstring_examples_run(name, monkeypatch):
     assert result.failed == 0
 
 
-@pytest.mark.parametrize("page", ["index.md", "getting-started.md", "reducers.md", "mamba/mtr.md"])
+@pytest.mark.parametrize(
+    "page",
+    [
+        "index.md",
+        "getting-started.md",
+        "reducers.md",
+        "vlm/index.md",
+        "vlm/attach.md",
+        "vlm/apet.md",
+        "vlm/models/llava.md",
+        "vlm/models/llava-next.md",
+        "vlm/models/qwen2-vl.md",
+        "vlm/models/llava-onevision.md",
+        "vlm/models/video-llava.md",
+        "mamba/mtr.md",
+    ],
+)
 def test_page_examples_run(page):
     namespace = {}
     blocks = [code for lang, title, code in code_blocks(DOCS / page) if lang == "python" and title is None]

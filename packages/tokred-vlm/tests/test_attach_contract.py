@@ -224,3 +224,8 @@ def test_half_precision_models_keep_their_dtype(family, dtype):
         )
         assert handle.last_prefill.reduced_length < handle.last_prefill.original_length
     assert all(torch.isfinite(step).all() for step in out.logits)
+
+
+def test_one_budget_per_video_is_refused_for_video_llava():
+    with pytest.raises(ValueError, match="not available for Video-LLaVA"):
+        attach(tiny_model("video_llava"), create_reducer("norm", num_keep=3), video_groups="video")

@@ -26,6 +26,7 @@ from tokred.vlm.testing import (
     tiny_config,
     tiny_inputs,
     tiny_model,
+    tiny_processor,
 )
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
@@ -364,93 +365,29 @@ def test_family_of_rejects_other_models():
 # -- parity with the real processors ---------------------------------------------------------------------------
 
 
-def _tokenizer(image_token, video_token):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    special = {
-        PAD_TOKEN_ID: "<pad>",
-        BOS_TOKEN_ID: "<s>",
-        2: "</s>",
-        VISION_END_TOKEN_ID: "<|vision_end|>",
-        VISION_START_TOKEN_ID: "<|vision_start|>",
-        VIDEO_TOKEN_ID: video_token,
-        IMAGE_TOKEN_ID: image_token,
-    }
-    vocab = {special.get(i, f"w{i}"): i for i in range(VOCAB_SIZE)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tok.add_special_tokens({"additional_special_tokens": [special[i] for i in (996, 997, 998, 999)]})
-    tok.padding_side = "left"
-    return tok
-
-
-def _processor(family):
-    """The family's real processor (PIL image backend, no video processor: torchvision is not installed)."""
-    import transformers as tf
-
-    pins = {"image_grid_pinpoints": [[28, 56], [56, 28], [56, 56]]}
-    clip = {"patch_size": 7, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
-    if family == "llava":
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as Ip
-
-        ip = Ip(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        return tf.LlavaProcessor(image_processor=ip, tokenizer=_tokenizer("<image>", "<video>"), **clip), "<image>"
-    if family == "llava_next":
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as Ip
-
-        ip = Ip(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **pins)
-        return tf.LlavaNextProcessor(image_processor=ip, tokenizer=_tokenizer("<image>", "<video>"), **clip), "<image>"
-    if family == "llava_onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil as Ip,
-        )
-
-        ip = Ip(size={"height": 28, "width": 28}, **pins)
-        tok = _tokenizer("<image>", "<video>")
-        proc = tf.LlavaOnevisionProcessor(
-            image_processor=ip, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full"
-        )
-        return proc, "<image>"
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Ip
-
-    ip = Ip(min_pixels=28 * 28, max_pixels=10_000 * 28 * 28, patch_size=14, merge_size=2, temporal_patch_size=2)
-    proc = tf.Qwen2VLProcessor(image_processor=ip, tokenizer=_tokenizer("<|image_pad|>", "<|video_pad|>"))
-    return proc, "<|vision_start|><|image_pad|><|vision_end|>"
-
-
 PARITY = [
     ("llava", TWO_ROWS),
     ("llava_next", [[3, Image(40, 60), 4], [2, Image(60, 40), 3, Image(), 2], [1, Image(100, 30), Image(33, 77)]]),
     ("llava_onevision", [[3, Image(40, 60), 4], [5], [2, Image(60, 40), 3, Image(), 2], [Image(200, 300)]]),
     ("qwen2_vl", [[3, Image(56, 84), 4], [2, Image(), 3, Image(28, 112), 2]]),
+    ("qwen2_5_vl", [[3, Image(56, 84), 4], [2, Image(), 3, Image(28, 112), 2]]),
+    ("video_llava", TWO_ROWS),
 ]
 
 
 @pytest.mark.parametrize(("family", "rows"), PARITY, ids=[f for f, _ in PARITY])
-def test_inputs_match_the_real_processor_for_images(models, monkeypatch, family, rows):
+def test_inputs_match_the_real_processor_for_images(models, family, rows):
     from PIL import Image as PILImage
-    from transformers.processing_utils import ProcessorMixin
 
-    # Without torchvision the video-processor slot cannot be type-checked; leave it empty (images only).
-    check = ProcessorMixin.check_argument_for_proper_class
-    monkeypatch.setattr(
-        ProcessorMixin,
-        "check_argument_for_proper_class",
-        lambda self, name, arg: None if arg is None else check(self, name, arg),
-    )
-    try:
-        processor, placeholder = _processor(family)
-    except (ImportError, AttributeError, TypeError) as exc:  # pragma: no cover - depends on the installed backends
-        pytest.skip(f"cannot build the {family} processor offline: {exc}")
+    processor = tiny_processor(family)  # the family's real processor class (images only, PIL backend)
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family in QWEN else "<image>"
     rng = np.random.default_rng(0)
     texts, images = [], []
     for row in rows:
         words, row_images = ["<s>"], []
         for it in row:
             if isinstance(it, int):
-                words += ["w5"] * it
+                words += ["image"] * it
             else:
                 words.append(placeholder)
                 row_images.append(PILImage.fromarray(rng.integers(0, 255, (it.height, it.width, 3), dtype=np.uint8)))
@@ -458,7 +395,8 @@ def test_inputs_match_the_real_processor_for_images(models, monkeypatch, family,
         images.append(row_images)
     if family == "llava":
         images = [im for row in images for im in row]
-    ref = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
+    options = {"return_legacy_image_output": False} if family == "video_llava" else {}  # `pixel_values`
+    ref = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False, **options)
     mine = tiny_inputs(models(family), rows)
     assert set(ref.keys()) == set(mine.keys())
     for key in ref:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from tokred.core.reducer import Reducer
-from tokred.vlm.models import EntryLayout, ModelFamily, family_of, simple_layouts
+from tokred.vlm.models import EntryLayout, ModelFamily, family_of, simple_layouts, vision_grid
 from tokred.vlm.sequence import compact_positions, decode_positions, padding_mask_from, survivor_index
 
 __all__ = ["Attachment", "PrefillStats", "attach"]
@@ -42,11 +42,13 @@ _handle_ids = itertools.count()
 
 @dataclass(frozen=True)
 class PrefillStats:
-    """What the last reduced prefill did.
+    """What the last reduced prefill did, for the whole batch.
+
+    Lengths are those of the padded batch (the longest row); counts are totals over all rows.
 
     Attributes:
-        original_length: Sequence length the model would have processed, ``L``.
-        reduced_length: Sequence length after reduction, ``L'``.
+        original_length: Padded sequence length the model would have processed, ``L``.
+        reduced_length: Padded sequence length after reduction, ``L'`` (the logits' length).
         visual_tokens: Visual placeholder tokens in the batch.
         kept_visual_tokens: Visual tokens that survived (structural tokens included).
         groups: Token groups reduced (images, crops or frames).
@@ -232,11 +234,6 @@ class Attachment:
                     )
                 keeps = list(rows)
             layouts = [EntryLayout(g, k) for g, k in zip(groups, keeps, strict=True)]
-        if self.video_groups == "video" and modality == "video" and self.family.name == "video_llava":
-            raise NotImplementedError(
-                "video_groups='video' is not available for Video-LLaVA, which encodes each frame separately; "
-                "use video_groups='frame'"
-            )
         self._records.append(_EncodeRecord(entries, layouts))
         return output
 
@@ -279,7 +276,7 @@ class Attachment:
         features = args[0]  # (R, n, C_vision)
         num_rows, length = features.shape[:2]
         groups = torch.zeros((num_rows, length), dtype=torch.long, device=features.device)
-        if self.family.name == "video_llava" and length == _grid(self.model.config) ** 2 + 1:
+        if self.family.name == "video_llava" and length == vision_grid(self.model.config) ** 2 + 1:
             groups[:, 0] = -1  # the per-frame class token stays, unreduced
         flat = features.reshape(num_rows * length, -1)
         group_ids = (torch.arange(num_rows, device=features.device).unsqueeze(1) * (groups >= 0)).masked_fill(
@@ -531,10 +528,6 @@ class Attachment:
         return kwargs
 
 
-def _grid(config: Any) -> int:
-    return int(config.vision_config.image_size) // int(config.vision_config.patch_size)
-
-
 def _bind(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Arguments of a call by name, with ``**kwargs`` flattened in."""
     bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
@@ -660,6 +653,11 @@ def attach(
         raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
     if video_groups not in ("frame", "video"):
         raise ValueError(f"video_groups must be 'frame' or 'video', got {video_groups!r}")
+    if video_groups == "video" and family.name == "video_llava":
+        raise ValueError(
+            "video_groups='video' is not available for Video-LLaVA, which encodes each frame separately; "
+            "use video_groups='frame'"
+        )
     if space == "vision" and not family.vision_space:
         raise ValueError(f"space='vision' is not possible for {family.title}: {family.vision_space_reason}; use 'llm'")
     existing = getattr(model, _MARKER_ATTRIBUTE, None)

@@ -89,6 +89,7 @@ SUPPORTED_MODELS: tuple[ModelFamily, ...] = (
         True,
     ),
 )
+"""The supported model families, with their defaults (those of ApET's released code, see each family's page)."""
 
 
 def supported_model_names() -> list[str]:
@@ -139,7 +140,14 @@ class EntryLayout:
 
 
 def vision_grid(config: Any) -> int:
-    """Patches per side of one crop or frame of the model's vision tower."""
+    """Patches per side of one crop or frame of the model's vision tower.
+
+    Args:
+        config: A LLaVA-family model config (with ``vision_config.image_size`` and ``patch_size``).
+
+    Returns:
+        ``image_size // patch_size``, e.g. 24 for CLIP-L/14 at 336 px.
+    """
     vision = config.vision_config
     return int(vision.image_size) // int(vision.patch_size)
 

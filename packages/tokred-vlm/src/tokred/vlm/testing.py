@@ -1,4 +1,4 @@
-"""Tiny random-weight VLMs and processor-free inputs for tests.
+"""Tiny random-weight VLMs, processor-free inputs and real processors for tests.
 
 Everything here is built from configs alone: no checkpoint, tokenizer or image processor is downloaded. The six
 supported model classes are covered, one *family* name each:
@@ -31,6 +31,10 @@ A batch is described as *rows* of *items*. An item is an ``int`` (that many rand
 ``attention_mask`` and the family's pixel and grid tensors), with the right number of placeholder tokens per item
 (:func:`placeholder_count`).
 
+:func:`tiny_processor` builds the family's real transformers processor for these models (PIL image processor,
+word-level tokenizer, chat template), for end-to-end runs from image files: it saves and loads with
+``save_pretrained`` / ``from_pretrained`` like a downloaded checkpoint. It takes images only (see its docstring).
+
 Per-item placeholder counts (``S`` = vision ``image_size`` 28, ``p`` = patch size 7, so ``n = (S/p)**2 = 16``):
 
 * ``llava``: ``n`` per image (CLS dropped by ``vision_feature_select_strategy="default"``). Images must be S x S.
@@ -52,6 +56,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -99,6 +104,7 @@ __all__ = [
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
+    "tiny_processor",
 ]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "video_llava")
@@ -675,3 +681,179 @@ def tiny_inputs(
         if videos:
             out["pixel_values_videos"] = noise(len(videos), videos[0].frames, 3, size, size)
     return {k: (v.to(device) if v.device != device else v) for k, v in out.items()}
+
+
+# -- processors ------------------------------------------------------------------------------------------------
+
+_UNK_TOKEN_ID = 995
+_COMMON_TEXT = (
+    ". , ? ! : ; ' \" - ( ) user assistant system a an the this that these those there here is are was were be "
+    "it its of in on at to from with and or but not no yes what which who where when why how many much do does "
+    "can you your i me my we see look describe explain tell about image images picture photo video frame scene "
+    "object objects show shows color colour red green blue black white yellow orange gray small large big left "
+    "right top bottom middle center one two three four five some all person people man woman child dog cat car "
+    "tree sky water grass road house table text detail details briefly please answer question word words short "
+    "long caption main"
+)
+_COMMON_WORDS = _COMMON_TEXT.split()
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+# One template for every family: "user: <image> ... prompt\nassistant:". IMAGE and VIDEO are replaced by the
+# family's placeholder strings.
+_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] }}:"
+    "{%- if message['content'] is string %} {{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' %} IMAGE"
+    "{%- elif part['type'] == 'video' %} VIDEO"
+    "{%- elif part['type'] == 'text' %} {{ part['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}assistant:{% endif -%}"
+)
+
+
+def _words() -> list[str]:
+    """Words for the ids ``3..994``: common English words, then two-syllable pseudo-words (``bada``, ``bade``, …)."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words = list(dict.fromkeys(_COMMON_WORDS))
+    seen = set(words)
+    for first in syllables:
+        for second in syllables:
+            if len(words) == _UNK_TOKEN_ID - TEXT_TOKEN_LOW:
+                return words
+            if first + second not in seen:
+                words.append(first + second)
+    raise AssertionError("not enough pseudo-words")  # pragma: no cover - 70 * 70 syllable pairs
+
+
+def _tiny_tokenizer(image_token: str, video_token: str) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = {
+        PAD_TOKEN_ID: "<pad>",
+        BOS_TOKEN_ID: "<s>",
+        EOS_TOKEN_ID: "</s>",
+        _UNK_TOKEN_ID: "<unk>",
+        VISION_END_TOKEN_ID: "<|vision_end|>",
+        VISION_START_TOKEN_ID: "<|vision_start|>",
+        VIDEO_TOKEN_ID: video_token,
+        IMAGE_TOKEN_ID: image_token,
+    }
+    vocab = {word: TEXT_TOKEN_LOW + i for i, word in enumerate(_words())}
+    vocab.update({token: i for i, token in special.items()})
+    assert sorted(vocab.values()) == list(range(VOCAB_SIZE))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_TOKEN_ID)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [special[i] for i in range(VISION_END_TOKEN_ID, VOCAB_SIZE)]}
+    )
+    return tokenizer
+
+
+def tiny_processor(family: str) -> Any:
+    """Build the real transformers processor of one family for the :func:`tiny_model` models, offline.
+
+    It is the family's own processor class (``LlavaProcessor``, ``Qwen2VLProcessor``, …) with a PIL image processor
+    sized for the tiny vision towers (28-pixel tiles, the :data:`IMAGE_GRID_PINPOINTS`; Qwen images scaled to at
+    most 224 x 224 pixels), a word-level tokenizer and a chat template, so that::
+
+        processor = tiny_processor("llava")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[[pil_image]], return_tensors="pt")
+        tiny_model("llava").generate(**inputs, max_new_tokens=5)
+
+    works with any image size (the rendered prompt is ``"user: <image> describe"``, a newline, ``"assistant:"``),
+    and ``save_pretrained`` writes a folder that ``AutoProcessor.from_pretrained`` reads back; next to the model's
+    ``save_pretrained`` files it looks like a downloaded checkpoint.
+
+    The tokenizer has the ids of the tiny models (``PAD, BOS, EOS = 0, 1, 2``, image ``999``, video ``998``, Qwen's
+    ``vision_start``/``vision_end`` ``997``/``996``, ``<unk>`` ``995``) and a word for every other id: about 130
+    common English words and punctuation marks, then pronounceable pseudo-words (``bada``, ``bade``, …), so every
+    generated id decodes to a word. Text is lower-cased and split into words and punctuation; unknown words become
+    ``<unk>``. It adds ``BOS`` in front and pads on the left. Placeholders are ``<image>``/``<video>``, and
+    ``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen.
+
+    Images only: transformers builds video processors with torchvision, which tokred does not depend on. The
+    processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and Video-LLaVA are therefore built without their video
+    processor: a subclass with the family class's name whose video slot is None, saved as the family's class.
+    Without torchvision, ``AutoProcessor.from_pretrained`` cannot load such a folder (it always builds the video
+    processor) and ``tokred vlm generate`` falls back to the same images-only class; with torchvision (untested
+    here) it loads the full class, whose video processor then has transformers' defaults, sized for the real
+    checkpoints rather than the tiny models. ``llava`` and ``llava_next`` take images only anyway.
+
+    Args:
+        family: One of :data:`FAMILIES`.
+
+    Returns:
+        A ``transformers.ProcessorMixin``.
+
+    Raises:
+        ValueError: If ``family`` is unknown.
+    """
+    import transformers
+
+    from tokred.vlm.processors import images_only
+
+    _check_family(family)
+    tile = {"height": _VISION_IMAGE_SIZE, "width": _VISION_IMAGE_SIZE}
+    pinpoints = {"image_grid_pinpoints": [list(p) for p in IMAGE_GRID_PINPOINTS]}
+    clip = {"patch_size": _VISION_PATCH, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    qwen = family in ("qwen2_vl", "qwen2_5_vl")
+    image_token, video_token = ("<|image_pad|>", "<|video_pad|>") if qwen else ("<image>", "<video>")
+    placeholder = f"<|vision_start|>{image_token}<|vision_end|>" if qwen else image_token
+    video = f"<|vision_start|>{video_token}<|vision_end|>" if qwen else video_token
+    common = {
+        "tokenizer": _tiny_tokenizer(image_token, video_token),
+        "chat_template": _CHAT_TEMPLATE.replace("IMAGE", placeholder).replace("VIDEO", video),
+    }
+    shortest = {"shortest_edge": _VISION_IMAGE_SIZE}
+    if family == "llava":
+        image_processor = transformers.LlavaImageProcessorPil(size=shortest, crop_size=tile)
+        return transformers.LlavaProcessor(image_processor=image_processor, **clip, **common)
+    if family == "llava_next":
+        image_processor = transformers.LlavaNextImageProcessorPil(size=shortest, crop_size=tile, **pinpoints)
+        return transformers.LlavaNextProcessor(image_processor=image_processor, **clip, **common)
+    if family == "llava_onevision":
+        image_processor = transformers.LlavaOnevisionImageProcessorPil(size=tile, **pinpoints)
+        cls = images_only(transformers.LlavaOnevisionProcessor)
+        return cls(
+            image_processor=image_processor,
+            num_image_tokens=_tile_side(tiny_config(family)) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            **common,
+        )
+    if family == "video_llava":
+        image_processor = transformers.VideoLlavaImageProcessor(size=shortest, crop_size=tile)
+        cls = images_only(transformers.VideoLlavaProcessor)
+        return cls(image_processor=image_processor, **clip, **common)
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        min_pixels=_QWEN_PATCH * _QWEN_MERGE * _QWEN_PATCH * _QWEN_MERGE,
+        max_pixels=224 * 224,
+        patch_size=_QWEN_PATCH,
+        merge_size=_QWEN_MERGE,
+        temporal_patch_size=_QWEN_TEMPORAL,
+    )
+    processor_class = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+    return images_only(processor_class)(image_processor=image_processor, **common)

@@ -1,0 +1,304 @@
+"""`tokred vlm generate` and `tokred vlm models`, end to end on tiny checkpoints and images the tests write."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+from transformers.utils import is_torchvision_available
+
+from tokred.core.cli import main
+from tokred.vlm import ApET, attach, supported_model_names
+from tokred.vlm.testing import FAMILIES, tiny_config, tiny_model, tiny_processor
+
+REDUCED = re.compile(r"visual tokens kept (\d+)/(\d+), prefill (\d+) -> (\d+) tokens, (\d+) new tokens in [\d.]+ s")
+DENSE = re.compile(r"dense: (\d+) visual tokens, prefill (\d+) tokens, (\d+) new tokens in [\d.]+ s")
+VIDEO_CLASSES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "video_llava")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A folder per family holding the tiny model and its processor, as `save_pretrained` writes them."""
+    folders = {}
+
+    def get(family):
+        if family not in folders:
+            folder = tmp_path_factory.mktemp(family)
+            tiny_model(family).save_pretrained(folder)
+            tiny_processor(family).save_pretrained(folder)
+            folders[family] = folder
+        return folders[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A 112 x 84 PNG of seeded noise (12 visual tokens for the tiny Qwen models, 16 for LLaVA)."""
+    path = tmp_path_factory.mktemp("images") / "noise.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def generate_argv(folder, image, *extra):
+    return ["vlm", "generate", "--model", str(folder), "--image", str(image), "--prompt", "describe", *extra]
+
+
+def run_cli(argv, capsys):
+    assert main(argv) == 0
+    return capsys.readouterr()
+
+
+def direct_generate(folder, family, image_file, reducer=None, max_new_tokens=5):
+    """What a user writes in Python: processor, chat template, `attach` and `generate`; the new tokens' text."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = tiny_processor(family)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(image_file) as image:
+        inputs = processor(text=[text], images=[[image.convert("RGB")]], return_tensors="pt")
+    with torch.inference_mode():
+        if reducer is None:
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            with attach(model, reducer):
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    return processor.decode(new, skip_special_tokens=True).strip()
+
+
+# -- tiny_processor: the checkpoints these tests load ------------------------------------------------------------
+
+
+def test_tiny_tokenizer_has_a_word_for_every_id():
+    tokenizer = tiny_processor("llava").tokenizer
+    ids = list(range(3, 995))
+    words = [tokenizer.decode([i]) for i in ids]
+    assert all(word and not word.isspace() and " " not in word for word in words)
+    assert tokenizer(" ".join(words), add_special_tokens=False).input_ids == ids
+    encoded = tokenizer("Describe the image.").input_ids
+    assert encoded[0] == 1 and tokenizer.decode(encoded, skip_special_tokens=True) == "describe the image ."
+    assert tokenizer("zyzzyva").input_ids == [1, 995]  # <unk>
+    assert tokenizer.decode([999, 998, 0, 1, 2, 5], skip_special_tokens=True) == words[2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_processor_round_trips_through_save_pretrained(checkpoint, image_file, family):
+    from transformers import AutoProcessor
+
+    from tokred.vlm.cli import _load_processor
+
+    original = tiny_processor(family)
+    if family in VIDEO_CLASSES and not is_torchvision_available():
+        loaded = _load_processor(str(checkpoint(family)))  # AutoProcessor needs torchvision; the CLI falls back
+    else:
+        loaded = AutoProcessor.from_pretrained(checkpoint(family))
+    assert type(loaded).__name__ == type(original).__name__
+    assert loaded.chat_template == original.chat_template
+    assert loaded.tokenizer.get_vocab() == original.tokenizer.get_vocab()
+    assert loaded.image_processor.to_dict() == original.image_processor.to_dict()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
+    text = loaded.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == original.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.startswith("user: ") and text.endswith("what is this?\nassistant:")
+    with Image.open(image_file) as image:
+        image = image.convert("RGB")
+    options = {"return_legacy_image_output": False} if family == "video_llava" else {}
+    a = loaded(text=[text], images=[[image]], return_tensors="pt", **options)
+    b = original(text=[text], images=[[image]], return_tensors="pt", **options)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- generate --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_prints_the_answer_and_a_reduced_prefill(checkpoint, image_file, capsys, family):
+    argv = generate_argv(
+        checkpoint(family), image_file, "--reducer", "apet", "--num-keep", "4", "--max-new-tokens", "5"
+    )
+    captured = run_cli(argv, capsys)
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 2, captured.out
+    words = lines[0].split()
+    assert 1 <= len(words) <= 5 and all(w.isprintable() for w in words), lines[0]
+    assert lines[1].startswith("apet (num_keep=4; ")
+    kept, total, original, reduced, new = map(int, REDUCED.search(lines[1]).groups())
+    assert 0 < kept < total
+    assert reduced < original and original - reduced == total - kept
+    assert new == 5
+    if family in VIDEO_CLASSES and not is_torchvision_available():
+        assert "without its video processor" in captured.err
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_cli_answer_equals_attach_and_generate_in_python(checkpoint, image_file, capsys, family):
+    folder = checkpoint(family)
+    reduced = run_cli(generate_argv(folder, image_file, "--num-keep", "4", "--max-new-tokens", "6"), capsys)
+    dense = run_cli(generate_argv(folder, image_file, "--reducer", "none", "--max-new-tokens", "6"), capsys)
+    expected_reduced = direct_generate(folder, family, image_file, ApET(num_keep=4, seed=0), max_new_tokens=6)
+    expected_dense = direct_generate(folder, family, image_file, max_new_tokens=6)
+    assert reduced.out.splitlines()[0] == expected_reduced
+    assert dense.out.splitlines()[0] == expected_dense
+    assert expected_reduced != expected_dense, "the reduced run must be distinguishable from the dense one"
+
+
+def test_compare_prints_both_answers_and_both_timings(checkpoint, image_file, capsys):
+    folder = checkpoint("qwen2_vl")
+    argv = generate_argv(folder, image_file, "--keep-ratio", "0.25", "--max-new-tokens", "4", "--compare")
+    out = run_cli(argv, capsys).out
+    blocks = out.split("--- ")
+    assert blocks[1].startswith("dense\n")
+    assert blocks[2].startswith("apet (keep_ratio=0.25; llm space, original positions)\n")
+    dense_text = blocks[1].splitlines()[1]
+    assert DENSE.search(out) and REDUCED.search(out)
+    kept, total, *_ = map(int, REDUCED.search(out).groups())
+    assert (kept, total) == (3, 12)
+    assert re.search(r"\(\d+\.\d+x the dense speed\)", out)
+    plain = run_cli(generate_argv(folder, image_file, "--reducer", "none", "--max-new-tokens", "4"), capsys).out
+    assert plain.splitlines()[0] == dense_text
+
+
+def test_dense_run_reports_the_full_prefill(checkpoint, image_file, capsys):
+    out = run_cli(
+        generate_argv(checkpoint("llava"), image_file, "--reducer", "none", "--max-new-tokens", "3"), capsys
+    ).out
+    visual, length, new = map(int, DENSE.search(out).groups())
+    assert visual == 16 and length > visual and new == 3
+    assert "kept" not in out
+
+
+def test_several_images_space_positions_and_reducer_arguments(checkpoint, image_file, capsys):
+    argv = [
+        *generate_argv(checkpoint("video_llava"), image_file, "--image", str(image_file)),
+        *("--num-keep", "5", "--space", "vision", "--positions", "original", "--max-new-tokens", "2"),
+        *("--reducer-arg", "variant=reference", "--reducer-arg", "num_basis=2", "--attn-implementation", "sdpa"),
+        *("--dtype", "float32"),
+    ]
+    out = run_cli(argv, capsys).out
+    assert "apet (num_keep=5, variant='reference', num_basis=2; vision space, original positions)" in out
+    kept, total, original, reduced, _ = map(int, REDUCED.search(out).groups())
+    assert (kept, total) == (10, 32) and original - reduced == 22
+
+
+def test_without_a_chat_template_the_prompt_is_placeholders_then_text(checkpoint, image_file, tmp_path, capsys):
+    folder = tmp_path / "no-template"
+    shutil.copytree(checkpoint("qwen2_vl"), folder)
+    (folder / "chat_template.jinja").unlink()
+    out = run_cli(generate_argv(folder, image_file, "--num-keep", "2", "--max-new-tokens", "2"), capsys).out
+    kept, total, original, reduced, _ = map(int, REDUCED.search(out).groups())
+    assert (kept, total) == (2, 12)
+    assert original == 1 + 1 + 12 + 1 + 1  # BOS, vision_start, 12 image tokens, vision_end, "describe"
+    assert reduced == original - 10
+
+
+def test_random_reducer_is_seeded(checkpoint, image_file, capsys):
+    argv = generate_argv(checkpoint("llava"), image_file, "--reducer", "random", "--num-keep", "3", "--seed", "7")
+    first = run_cli([*argv, "--max-new-tokens", "4"], capsys).out.splitlines()[0]
+    second = run_cli([*argv, "--max-new-tokens", "4"], capsys).out.splitlines()[0]
+    assert first == second
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+
+def test_models_lists_every_supported_class_with_its_defaults(capsys):
+    out = run_cli(["vlm", "models"], capsys).out
+    for name in supported_model_names():
+        assert name in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip() and "  " in line}
+    assert rows["llava"][-2:] == ["vision|llm", "compact"]
+    assert rows["qwen2_vl"][-2:] == ["llm", "original"]
+    assert rows["video_llava"][-2:] == ["llm|vision", "compact"]
+
+
+def test_console_script_has_the_vlm_command():
+    exe = shutil.which("tokred", path=os.path.dirname(sys.executable))
+    result = subprocess.run([exe, "vlm", "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and "generate" in result.stdout and "models" in result.stdout
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ((), r"--reducer apet needs --num-keep or --keep-ratio \(or --reducer none"),
+        (("--reducer", "none", "--num-keep", "4"), "need a reducer"),
+        (("--reducer", "none", "--compare"), "need a reducer"),
+        (("--reducer", "nope", "--num-keep", "4"), "unknown reducer 'nope'"),
+        (("--num-keep", "4", "--reducer-arg", "bogus=1"), "unexpected keyword argument 'bogus'"),
+        (("--num-keep", "4", "--reducer-arg", "keep_ratio=0.5"), "not --reducer-arg keep_ratio"),
+        (("--keep-ratio", "1.5"), "keep_ratio must lie in"),
+    ],
+)
+def test_reducer_argument_errors_are_one_line(checkpoint, image_file, extra, match):
+    with pytest.raises(SystemExit, match=match) as info:
+        main(generate_argv(checkpoint("llava"), image_file, *extra))
+    assert str(info.value).startswith("tokred vlm: ") and "\n" not in str(info.value)
+
+
+def test_both_budgets_is_a_usage_error(checkpoint, image_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(generate_argv(checkpoint("llava"), image_file, "--num-keep", "4", "--keep-ratio", "0.5"))
+    assert info.value.code == 2
+    assert "not allowed with argument --num-keep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["--num-keep=0", "--max-new-tokens=-1", "--reducer-arg=novalue"])
+def test_malformed_values_are_usage_errors(checkpoint, image_file, capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        main([*generate_argv(checkpoint("llava"), image_file), bad])
+    assert info.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_missing_and_unreadable_images(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"image file not found: .*missing\.png"):
+        main(generate_argv(checkpoint("llava"), tmp_path / "missing.png", "--num-keep", "4"))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(SystemExit, match=r"cannot read image .*notes\.png"):
+        main(generate_argv(checkpoint("llava"), text, "--num-keep", "4"))
+
+
+def test_missing_model_folder(image_file, tmp_path):
+    with pytest.raises(SystemExit, match="model folder not found"):
+        main(generate_argv(tmp_path / "no-such-model", image_file, "--num-keep", "4"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="cannot load the processor of"):
+        main(generate_argv(tmp_path / "empty", image_file, "--num-keep", "4"))
+
+
+def test_vision_space_refused_for_qwen(checkpoint, image_file):
+    with pytest.raises(SystemExit, match="space='vision' is not possible for Qwen2-VL"):
+        main(generate_argv(checkpoint("qwen2_vl"), image_file, "--num-keep", "4", "--space", "vision"))
+
+
+def test_unsupported_model_class_lists_the_supported_ones(image_file, tmp_path, capsys):
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    base = tiny_config("llava_next")
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config.to_dict(),
+        text_config=base.text_config.to_dict(),
+        image_token_index=base.image_token_id,
+        video_token_index=998,
+        image_grid_pinpoints=base.image_grid_pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    LlavaNextVideoForConditionalGeneration(config).save_pretrained(tmp_path)
+    tiny_processor("llava_next").save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="does not support LlavaNextVideoForConditionalGeneration; supported"):
+        main(generate_argv(tmp_path, image_file, "--num-keep", "4"))
+    out = run_cli(generate_argv(tmp_path, image_file, "--reducer", "none", "--max-new-tokens", "2"), capsys).out
+    assert DENSE.search(out), "a dense run needs no supported class"
