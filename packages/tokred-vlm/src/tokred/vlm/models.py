@@ -44,6 +44,8 @@ class ModelFamily:
     vision_space_reason: str = ""
 
 
+_QWEN_MERGER = "its merger combines 2x2 vision patches into one LLM token, so vision tokens do not map one-to-one"
+
 SUPPORTED_MODELS: tuple[ModelFamily, ...] = (
     ModelFamily("llava", "LLaVA-1.5", ("LlavaForConditionalGeneration",), ("image",), "vision", "compact", True),
     ModelFamily(
@@ -57,7 +59,7 @@ SUPPORTED_MODELS: tuple[ModelFamily, ...] = (
         "llm",
         "original",
         False,
-        "its merger combines 2x2 vision patches into one LLM token, so vision tokens do not map one-to-one",
+        _QWEN_MERGER,
     ),
     ModelFamily(
         "qwen2_5_vl",
@@ -67,7 +69,7 @@ SUPPORTED_MODELS: tuple[ModelFamily, ...] = (
         "llm",
         "original",
         False,
-        "its merger combines 2x2 vision patches into one LLM token, so vision tokens do not map one-to-one",
+        _QWEN_MERGER,
     ),
     ModelFamily(
         "llava_onevision",
