@@ -372,9 +372,7 @@ class Attachment:
             output = encoded.get(modality)
             if output is None:
                 continue
-            token_id = getattr(config, f"{modality}_token_id", None)
-            if token_id is None:
-                token_id = getattr(config, f"{modality}_token_index")
+            token_id = _placeholder_id(config, modality)
             if input_ids is not None:
                 placeholders = input_ids == token_id
             else:
@@ -419,9 +417,7 @@ class Attachment:
             return
         config = self.model.config
         for modality in self.family.modalities:
-            token_id = getattr(config, f"{modality}_token_id", None)
-            if token_id is None:
-                token_id = getattr(config, f"{modality}_token_index", None)
+            token_id = _placeholder_id(config, modality)
             count = int((input_ids == token_id).sum()) if token_id is not None else 0
             if count:
                 raise ValueError(
@@ -528,6 +524,12 @@ class Attachment:
         return kwargs
 
 
+def _placeholder_id(config: Any, modality: str) -> int | None:
+    """The placeholder token id of ``modality``: ``image_token_id`` (Qwen, newer configs) or ``image_token_index``."""
+    token_id = getattr(config, f"{modality}_token_id", None)
+    return token_id if token_id is not None else getattr(config, f"{modality}_token_index", None)
+
+
 def _bind(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Arguments of a call by name, with ``**kwargs`` flattened in."""
     bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
@@ -568,12 +570,12 @@ def _reduce_groups(reducer: Reducer, tokens: torch.Tensor, group: torch.Tensor) 
     for size, groups in by_size.items():
         index = torch.stack(groups)  # (G, n)
         reduction = reducer(tokens[index])
-        expected = reducer.budget.resolve(size) if hasattr(reducer, "budget") else None
+        expected = min(reducer.budget.resolve(size), size)  # attach() admits only Reducer instances
         kept = reduction.indices
         if (
             kept.dim() != 2
             or kept.shape[0] != index.shape[0]
-            or (expected is not None and kept.shape[1] != min(expected, size))
+            or kept.shape[1] != expected
             or reduction.tokens.shape[:2] != kept.shape
             or (kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= size))
             or (kept.shape[1] > 1 and not bool((kept[:, 1:] > kept[:, :-1]).all()))
@@ -581,7 +583,7 @@ def _reduce_groups(reducer: Reducer, tokens: torch.Tensor, group: torch.Tensor) 
             raise ValueError(
                 f"reducer {reducer!r} returned {tuple(kept.shape)} kept indices and tokens of shape "
                 f"{tuple(reduction.tokens.shape)} for {index.shape[0]} groups of {size} visual tokens; expected "
-                f"indices of shape ({index.shape[0]}, {min(expected, size) if expected is not None else 'K'}), "
+                f"indices of shape ({index.shape[0]}, {expected}), "
                 "ascending and within the group, one token per kept placeholder"
             )
         chosen = index.gather(1, kept)
