@@ -104,6 +104,7 @@ def test_docstring_examples_run(name, monkeypatch):
         "vlm/models/llava-onevision.md",
         "vlm/models/video-llava.md",
         "mamba/mtr.md",
+        "api/core/visualize.md",
     ],
 )
 def test_page_examples_run(page):
