@@ -60,7 +60,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokred`` command line; returns the exit code."""
     parser, problems = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for outputs that record how they were made
     for problem in problems:
         print(problem, file=sys.stderr)
     func = getattr(args, "func", None)
