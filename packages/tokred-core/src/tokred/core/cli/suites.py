@@ -38,6 +38,7 @@ def _add_common(parser: argparse.ArgumentParser, command: str, suites: list[Refe
     )
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random reducer (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many held-out examples per suite")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="draw no progress bars")
     for suite in suites:
@@ -58,7 +59,6 @@ def register_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_common(parser, "bench", suites)
     parser.add_argument("--quick", action="store_true", help="a small subset, under two minutes on two CPU cores")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many held-out examples per suite")
     parser.set_defaults(func=run_bench)
 
 
@@ -75,7 +75,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_common(parser, "demo", suites)
-    parser.set_defaults(func=run_demo, quick=True, limit=None)
+    parser.set_defaults(func=run_demo, quick=True)
 
 
 def _selected(args: argparse.Namespace, command: str) -> list[ReferenceSuite] | None:
