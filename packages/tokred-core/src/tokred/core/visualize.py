@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import colorsys
+import ctypes
 import struct
 import zlib
 from collections.abc import Sequence
@@ -187,6 +188,13 @@ def tile_images(
     return out
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    # One memory copy of a contiguous CPU uint8 tensor; bytes(storage) would iterate element by element and
+    # numpy is not a dependency of tokred-core.
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel())
+
+
 def save_png(picture: torch.Tensor, path: str | PathLike[str]) -> Path:
     """Write a uint8 ``(H, W, 3)`` picture as an 8-bit RGB PNG (no Pillow needed); returns the path."""
     if picture.dim() != 3 or picture.shape[-1] != 3 or picture.dtype != torch.uint8:
@@ -199,7 +207,7 @@ def save_png(picture: torch.Tensor, path: str | PathLike[str]) -> Path:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-    data += chunk(b"IDAT", zlib.compress(bytes(raw.contiguous().untyped_storage()), 6)) + chunk(b"IEND", b"")
+    data += chunk(b"IDAT", zlib.compress(_raw_bytes(raw), 6)) + chunk(b"IEND", b"")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
