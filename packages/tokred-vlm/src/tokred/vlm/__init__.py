@@ -8,7 +8,7 @@ Video-LLaVA model run with fewer visual tokens, through its usual ``model(**inpu
 from importlib import metadata as _metadata
 
 from tokred.vlm.apet import ApET
-from tokred.vlm.attachment import Attachment, PrefillStats, attach
+from tokred.vlm.attachment import Attachment, GroupPlan, PrefillStats, attach
 from tokred.vlm.models import SUPPORTED_MODELS, ModelFamily, supported_model_names
 
 try:
@@ -21,6 +21,7 @@ __all__ = [
     "ApET",
     "Attachment",
     "ModelFamily",
+    "GroupPlan",
     "PrefillStats",
     "__version__",
     "attach",

@@ -29,10 +29,11 @@ from typing import Any, Literal
 import torch
 
 from tokred.core.reducer import Reducer
+from tokred.core.reduction import Reduction
 from tokred.vlm.models import EntryLayout, ModelFamily, family_of, simple_layouts, vision_grid
 from tokred.vlm.sequence import compact_positions, decode_positions, padding_mask_from, survivor_index
 
-__all__ = ["Attachment", "PrefillStats", "attach"]
+__all__ = ["Attachment", "GroupPlan", "PrefillStats", "attach"]
 
 _STATE_ATTRIBUTE = "_tokred_vlm_state"
 _MARKER_ATTRIBUTE = "_tokred_vlm_attachment"
@@ -61,6 +62,29 @@ class PrefillStats:
     groups: int
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """The reducer's plan for one token group of the last reduced prefill (``attach(..., record_plans=True)``).
+
+    Attributes:
+        modality: ``"image"`` or ``"video"``.
+        image: Index of the image (or video) among the call's inputs of that modality, in input order (the
+            order of ``pixel_values``), counted over the whole batch.
+        group: Index of the group within that image or video: the anyres crop or the frame; 0 for an image
+            that is a single group (LLaVA-1.5).
+        reduction: The plan, a batch of one: ``indices`` ``(1, K)`` and ``assignment`` ``(1, N)`` over the group's
+            ``N`` reduced tokens, and ``tokens`` ``(1, K, C)`` in the space the reducer ran in. With
+            ``space="vision"`` the tokens are the vision tower's patches of the image, crop or frame, row-major
+            (before any anyres unpadding), and ``C`` is the vision width; with ``space="llm"`` they are the group's
+            placeholder tokens in sequence order, and ``C`` is the decoder width.
+    """
+
+    modality: str
+    image: int
+    group: int
+    reduction: Reduction
+
+
 @dataclass
 class _PrefillState:
     """Kept on the cache between a reduced prefill and the decode steps that follow it."""
@@ -80,12 +104,15 @@ class _PendingVisual:
     group: torch.Tensor  # (T,) global group id, -1 for structural tokens
     keep: torch.Tensor | None  # (T,) bool, kept in vision space; None: reduce on the embeddings
     length: int  # L of the call
+    # record_plans only: (modality, input index, group within it, global group id, vision-space plan or None)
+    plans: list[tuple[str, int, int, int, Reduction | None]] = field(default_factory=list)
 
 
 @dataclass
 class _EncodeRecord:
     entries: list[torch.Tensor]
     layouts: list[EntryLayout]
+    plans: list[list[Reduction | None]] | None = None  # record_plans, space="vision": per entry, per group
 
 
 @dataclass
@@ -94,6 +121,8 @@ class _Scratch:
 
     projector_keep: list[torch.Tensor] = field(default_factory=list)
     packed: list[EntryLayout] | None = None
+    row_plans: list[Reduction | None] = field(default_factory=list)  # record_plans: one per projector row
+    crops: list[int] | None = None  # anyres: projector rows (crops) of each packed entry
 
 
 class Attachment:
@@ -109,6 +138,9 @@ class Attachment:
         positions: ``"original"`` or ``"compact"``.
         video_groups: ``"frame"`` or ``"video"``: the token group of a video.
         last_prefill: :class:`PrefillStats` of the most recent reduced prefill, or None.
+        record_plans: Whether each prefill records the reducer's plans.
+        last_plans: With ``record_plans``, the :class:`GroupPlan` of every token group of the most recent reduced
+            prefill, in the order the groups appear in the batch; otherwise None.
     """
 
     def __init__(
@@ -119,6 +151,7 @@ class Attachment:
         space: Literal["vision", "llm"],
         positions: Literal["original", "compact"],
         video_groups: Literal["frame", "video"],
+        record_plans: bool = False,
     ) -> None:
         self.model = model
         self.reducer = reducer
@@ -127,6 +160,8 @@ class Attachment:
         self.positions = positions
         self.video_groups = video_groups
         self.last_prefill: PrefillStats | None = None
+        self.record_plans = record_plans
+        self.last_plans: list[GroupPlan] | None = None
         self._id = next(_handle_ids)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped: list[tuple[Any, str]] = []
@@ -234,7 +269,12 @@ class Attachment:
                     )
                 keeps = list(rows)
             layouts = [EntryLayout(g, k) for g, k in zip(groups, keeps, strict=True)]
-        self._records.append(_EncodeRecord(entries, layouts))
+        plans = None
+        if self.record_plans and self.space == "vision":
+            rows = iter(scratch.row_plans)
+            crops = scratch.crops if scratch.packed is not None else [1] * len(entries)
+            plans = [[next(rows, None) for _ in range(count)] for count in crops]
+        self._records.append(_EncodeRecord(entries, layouts, plans))
         return output
 
     def _pack(self, original: Any, image_features: Any, image_sizes: Any, *args: Any, **kwargs: Any) -> Any:
@@ -242,6 +282,7 @@ class Attachment:
         result = original(image_features, image_sizes, *args, **kwargs)
         if self._scratch is None:
             return result
+        self._scratch.crops = [f.shape[0] for f in image_features]
         crop_maps = [
             torch.arange(f.shape[0], dtype=torch.float32, device=f.device)
             .view(-1, 1, 1)
@@ -282,19 +323,23 @@ class Attachment:
         group_ids = (torch.arange(num_rows, device=features.device).unsqueeze(1) * (groups >= 0)).masked_fill(
             groups < 0, -1
         )
-        merged, keep = _reduce_groups(self.reducer, flat, group_ids.reshape(-1))
+        plans: dict[int, Reduction] | None = {} if self.record_plans else None
+        merged, keep = _reduce_groups(self.reducer, flat, group_ids.reshape(-1), plans)
         self._scratch.projector_keep.append(keep.view(num_rows, length))
+        if plans is not None:
+            self._scratch.row_plans.extend(plans.get(row) for row in range(num_rows))
         return (merged.view_as(features), *args[1:])
 
-    def _lookup(self, entry: torch.Tensor) -> EntryLayout:
+    def _lookup(self, entry: torch.Tensor) -> tuple[EntryLayout, list[Reduction | None] | None]:
+        """The layout of an encoded entry and, with ``record_plans`` in vision space, its groups' plans."""
         for record in reversed(self._records):
-            for known, layout in zip(record.entries, record.layouts, strict=True):
+            for i, (known, layout) in enumerate(zip(record.entries, record.layouts, strict=True)):
                 if known is entry:
-                    return layout
+                    return layout, record.plans[i] if record.plans is not None else None
         for record in reversed(self._records):
-            for known, layout in zip(record.entries, record.layouts, strict=True):
+            for i, (known, layout) in enumerate(zip(record.entries, record.layouts, strict=True)):
                 if known.shape == entry.shape and known.device == entry.device and torch.equal(known, entry):
-                    return layout
+                    return layout, record.plans[i] if record.plans is not None else None
         for record in self._records:
             for known in record.entries:
                 if known.shape[-1] == entry.shape[-1] and bool((known == entry[0]).all(dim=-1).any()):
@@ -367,6 +412,7 @@ class Attachment:
         reference = input_ids if input_ids is not None else embeds
         length = reference.shape[1]
         flat_parts, group_parts, keep_parts = [], [], []
+        plans: list[tuple[str, int, int, int, Reduction | None]] = []
         next_group = 0
         for modality in self.family.modalities:
             output = encoded.get(modality)
@@ -379,7 +425,8 @@ class Attachment:
                 marker = module.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
                 placeholders = (embeds == marker).all(dim=-1)
             entries = list(output.pooler_output)
-            layouts = [self._lookup(entry) for entry in entries]
+            found = [self._lookup(entry) for entry in entries]
+            layouts = [layout for layout, _ in found]
             num_features = sum(len(layout.groups) for layout in layouts)
             num_placeholders = int(placeholders.sum())
             if num_placeholders != num_features:
@@ -393,9 +440,13 @@ class Attachment:
                     "build input_ids with the model's processor so each image or video has its placeholders"
                 )
             flat_parts.append(torch.nonzero(placeholders.reshape(-1)).squeeze(1).cpu())
-            for layout in layouts:
+            for index, (layout, entry_plans) in enumerate(found):
                 groups = layout.groups.clone()
                 structural = groups < 0
+                if self.record_plans:
+                    for local in torch.unique(groups[~structural]).tolist():
+                        plan = entry_plans[local] if entry_plans is not None and local < len(entry_plans) else None
+                        plans.append((modality, index, local, local + next_group, plan))
                 groups = torch.where(structural, -1, groups + next_group)
                 next_group = int(groups.max()) + 1 if (~structural).any() else next_group
                 group_parts.append(groups)
@@ -409,7 +460,7 @@ class Attachment:
             if len(keep_parts) != len(group_parts):
                 raise RuntimeError("space='vision': some visual inputs were not reduced before the projector")
             keep = torch.cat(keep_parts)[order]
-        return _PendingVisual(flat[order], group, keep, length)
+        return _PendingVisual(flat[order], group, keep, length, plans)
 
     def _check_no_orphan_placeholders(self, module: Any, input_ids: Any, embeds: Any, cache: Any) -> None:
         """A first call whose prompt has visual placeholders but no pixels is a mistake, not text."""
@@ -454,11 +505,12 @@ class Attachment:
         flat_index = pending.flat_index.to(device)
         group = pending.group.to(device)
         survive = valid.clone().reshape(-1)
+        llm_plans: dict[int, Reduction] | None = {} if self.record_plans and pending.keep is None else None
         if pending.keep is not None:  # reduced in vision space already
             survive[flat_index] = pending.keep.to(device)
         else:
             flat_embeds = embeds.reshape(batch * length, width)
-            merged, keep = _reduce_groups(self.reducer, flat_embeds[flat_index], group)
+            merged, keep = _reduce_groups(self.reducer, flat_embeds[flat_index], group, llm_plans)
             flat_embeds = flat_embeds.clone()
             flat_embeds[flat_index] = merged
             embeds = flat_embeds.view(batch, length, width)
@@ -499,6 +551,12 @@ class Attachment:
         self.last_prefill = PrefillStats(
             length, index.shape[1], num_visual, kept_visual, int(group.max()) + 1 if num_visual else 0
         )
+        if self.record_plans:
+            self.last_plans = [
+                GroupPlan(modality, image, local, plan if llm_plans is None else llm_plans[global_id])
+                for modality, image, local, global_id, plan in pending.plans
+                if (plan if llm_plans is None else llm_plans.get(global_id)) is not None
+            ]
         return kwargs
 
     def _decode(self, kwargs: dict[str, Any], state: _PrefillState, cache: Any) -> dict[str, Any]:
@@ -539,13 +597,16 @@ def _bind(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
     return dict(bound)
 
 
-def _reduce_groups(reducer: Reducer, tokens: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduce_groups(
+    reducer: Reducer, tokens: torch.Tensor, group: torch.Tensor, plans: dict[int, Reduction] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the reducer on every group of tokens, batching groups of equal size.
 
     Args:
         reducer: The reducer.
         tokens: ``(T, C)`` tokens of all groups.
         group: Long ``(T,)`` group id of each token; ``-1`` marks structural tokens (kept, unreduced).
+        plans: If given, filled with the plan of each group (a batch of one, detached), by group id.
 
     Returns:
         ``(tokens, keep)``: ``(T, C)`` with each kept token replaced by what it carries after merging, and bool
@@ -586,10 +647,25 @@ def _reduce_groups(reducer: Reducer, tokens: torch.Tensor, group: torch.Tensor) 
                 f"indices of shape ({index.shape[0]}, {expected}), "
                 "ascending and within the group, one token per kept placeholder"
             )
+        if plans is not None:
+            for row, member in enumerate(groups):
+                plans[int(group[member[0]])] = _plan_row(reduction, row)
         chosen = index.gather(1, kept)
         out[chosen.reshape(-1)] = reduction.tokens.reshape(-1, tokens.shape[-1]).to(out.dtype)
         keep[chosen.reshape(-1)] = True
     return out, keep
+
+
+def _plan_row(reduction: Reduction, row: int) -> Reduction:
+    """Row ``row`` of a batched plan as a detached plan of batch one."""
+    part = slice(row, row + 1)
+    return Reduction(
+        reduction.tokens[part].detach(),
+        reduction.indices[part].detach(),
+        reduction.sizes[part].detach(),
+        reduction.assignment[part].detach(),
+        reduction.weights[part].detach(),
+    )
 
 
 def attach(
@@ -599,6 +675,7 @@ def attach(
     space: Literal["vision", "llm"] | None = None,
     positions: Literal["original", "compact"] | None = None,
     video_groups: Literal["frame", "video"] = "frame",
+    record_plans: bool = False,
 ) -> Attachment:
     """Make ``model`` run with fewer visual tokens: ``model(**inputs)`` and ``model.generate(**inputs)`` unchanged.
 
@@ -625,6 +702,10 @@ def attach(
             tokens were dropped); ``"compact"`` closes the gaps. Default: the family's (``"original"`` for the
             Qwen models' 3-D M-RoPE, ``"compact"`` for the LLaVA models, as in the released code).
         video_groups: ``"frame"`` gives each video frame its own budget, ``"video"`` one budget per video.
+        record_plans: Keep the reducer's plan of every token group of each prefill in ``handle.last_plans``
+            (a list of :class:`GroupPlan`: which tokens of which image survived, merged or were dropped), for
+            pictures such as :func:`tokred.core.visualize.draw_reduction`. Off by default: the plans hold a
+            copy of the reduced tokens.
 
     Returns:
         An :class:`Attachment`; call ``.detach()`` or use it as a context manager.
@@ -667,6 +748,6 @@ def attach(
         raise RuntimeError(
             f"a reducer is already attached to this model ({existing!r}); call .detach() on that handle first"
         )
-    handle = Attachment(model, reducer, family, space, positions, video_groups)
+    handle = Attachment(model, reducer, family, space, positions, video_groups, record_plans)
     handle._install()
     return handle
