@@ -120,6 +120,8 @@ def test_readme_commands_match_the_ci_script():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = re.search(r"^uv run pytest.*$", readme, re.M)
     assert test_command and test_command.group(0) in ci, "the README's test command must be what CI runs"
+    run_command = re.search(r"^uv run tokred demo$", readme, re.M)
+    assert run_command and "uv run tokred demo --out" in ci, "CI must run the README's main command"
 
 
 def test_adding_a_reducer_walkthrough(tmp_path):

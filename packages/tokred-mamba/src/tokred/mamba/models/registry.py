@@ -88,8 +88,8 @@ def available_models(pattern: str = "*", *, include_aliases: bool = False) -> li
 
     Example:
         >>> from tokred.mamba import available_models
-        >>> ", ".join(available_models("vim_*")[:3])
-        'vim_base, vim_small, vim_small_stride8'
+        >>> ", ".join(available_models("vim_small*"))
+        'vim_small, vim_small_stride8'
     """
     names = set(_FACTORIES) | (set(_ALIASES) if include_aliases else set())
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
