@@ -81,6 +81,8 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches, select_best_resolution
 
+from tokred.vlm._tokenizers import word_level_tokenizer
+
 __all__ = [
     "BOS_TOKEN_ID",
     "EOS_TOKEN_ID",
@@ -729,9 +731,6 @@ def _words() -> list[str]:
 
 
 def _tiny_tokenizer(image_token: str, video_token: str) -> Any:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     special = {
         PAD_TOKEN_ID: "<pad>",
         BOS_TOKEN_ID: "<s>",
@@ -745,24 +744,8 @@ def _tiny_tokenizer(image_token: str, video_token: str) -> Any:
     vocab = {word: TEXT_TOKEN_LOW + i for i, word in enumerate(_words())}
     vocab.update({token: i for i, token in special.items()})
     assert sorted(vocab.values()) == list(range(VOCAB_SIZE))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_TOKEN_ID)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [special[i] for i in range(VISION_END_TOKEN_ID, VOCAB_SIZE)]}
-    )
-    return tokenizer
+    extra = [special[i] for i in range(VISION_END_TOKEN_ID, VOCAB_SIZE)]
+    return word_level_tokenizer(vocab, BOS_TOKEN_ID, extra)
 
 
 def tiny_processor(family: str) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tokred.vlm._tokenizers import word_level_tokenizer
 from tokred.vlm.reference.questions import QUESTION_KINDS, WORDS, Question, QuestionSet
 
 __all__ = [
@@ -136,26 +137,8 @@ def build_tokenizer() -> Any:
     Returns:
         A ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate((*_SPECIAL, *WORDS))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_TOKEN_ID)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return tokenizer
+    return word_level_tokenizer(vocab, BOS_TOKEN_ID, [IMAGE_TOKEN])
 
 
 def build_processor(shape: ModelShape | None = None) -> Any:
