@@ -6,15 +6,26 @@ from tokred.core.cli import main
 
 
 def test_demo_runs_both_reference_models_and_draws_their_plans(tmp_path, capsys):
-    argv = ["demo", "--out", str(tmp_path), "--no-progress", "--limit", "16", "--vlm-scenes", "2"]
-    assert main([*argv, "--mamba-scenes", "2", "--mamba-eval-scenes", "16"]) == 0
+    argv = ["demo", "--out", str(tmp_path), "--no-progress", "--limit", "16", "--scenes", "2", "--eval-scenes", "16"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "LLaVA" in out and "Vim" in out
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pictures == ["mamba-mtr.png", "vlm-apet.png"]
-    for name in pictures:
+    assert pictures == [
+        "mamba-mtr.png",
+        "mamba-scene-0.png",
+        "mamba-scene-1.png",
+        "vlm-apet.png",
+        "vlm-scene-0.png",
+        "vlm-scene-1.png",
+    ]
+    for name in ("mamba-mtr.png", "vlm-apet.png"):
         assert f"picture: {tmp_path / name}" in out
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((tmp_path / "demo.json").read_text())
+    assert [set(r) for r in record["vlm"]] == [{"image", "question", "truth", "dense", "reduced"}] * 2
+    assert [set(r) for r in record["mamba"]] == [{"image", "truth", "dense", "reduced"}] * 2
+    assert record["vlm"][0]["image"] == "vlm-scene-0.png" and set(record["mamba"][1]["reduced"]) == {"mtr"}
 
 
 def test_bench_quick_measures_every_suite(tmp_path, capsys):
@@ -25,5 +36,6 @@ def test_bench_quick_measures_every_suite(tmp_path, capsys):
         assert rows[0]["method"] == "dense" and rows[0]["retained"] == 1.0
         assert must <= {r["method"] for r in rows}
         assert all(r["examples"] == 8 for r in rows)
-        assert (tmp_path / f"{suite}-accuracy.svg").exists() and (tmp_path / f"{suite}-speed.svg").exists()
+        for plot in ("accuracy", "speed"):
+            assert (tmp_path / f"{suite}-{plot}.svg").exists() and (tmp_path / f"{suite}-{plot}.png").exists()
     assert "tokred bench --quick --limit 8" in (tmp_path / "results.md").read_text()

@@ -1,11 +1,11 @@
-"""Train the reference LLaVA of tokred-vlm from scratch on the CPU and write the shipped checkpoint and its card.
+"""Train the reference LLaVA of tokred-bench from scratch on the CPU and write the bundled checkpoint and its card.
 
-Reproduces ``packages/tokred-vlm/src/tokred/vlm/assets/llava_scenes`` (same weights on the same machine with
+Reproduces ``packages/tokred-bench/src/tokred/bench/assets/llava_scenes`` (same weights on the same machine with
 the same thread count)::
 
     uv run python scripts/train_llava_scenes.py
 
-The hyper-parameters are those of ``tokred.vlm.reference.train.TrainConfig``; this script only chooses the
+The hyper-parameters are those of ``tokred.bench.training.llava.TrainConfig``; this script only chooses the
 thread count, the device and the output folder, trains, saves fp16 weights, evaluates the saved model on the
 held-out questions and writes ``card.json``.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tokred.vlm.reference.model import asset_path
-from tokred.vlm.reference.train import TrainConfig, save_checkpoint, train, write_card
+from tokred.bench.reference import reference_dir
+from tokred.bench.training.llava import TrainConfig, save_checkpoint, train, write_card
 
 __all__ = ["main"]
 
@@ -28,7 +28,9 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, train, save and evaluate; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=asset_path(), help="output folder (default: the shipped asset)")
+    parser.add_argument(
+        "--out", type=Path, default=reference_dir("llava_scenes"), help="output folder (default: the bundled model)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     parser.add_argument("--device", default="cpu", help="training device (the shipped model: cpu)")
     args = parser.parse_args(argv)

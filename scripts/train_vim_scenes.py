@@ -1,10 +1,10 @@
-"""Train tokred-mamba's reference Vim (``vim_scenes``) from scratch on the CPU and write its weights and card.
+"""Train tokred-bench's reference Vim (``vim_scenes``) from scratch on the CPU and write its weights and card.
 
-Reproduces ``packages/tokred-mamba/src/tokred/mamba/assets/vim_scenes.pt`` and ``vim_scenes.json``:
+Reproduces ``packages/tokred-bench/src/tokred/bench/assets/vim_scenes/`` (``vim_scenes.pt`` and ``card.json``):
 
     uv run python scripts/train_vim_scenes.py
 
-Every hyper-parameter is a default of ``tokred.mamba.reference.train.TrainConfig``; this script only picks
+Every hyper-parameter is a default of ``tokred.bench.training.vim.TrainConfig``; this script only picks
 the thread count and the output folder, trains, saves fp16 weights, measures the saved model on held-out
 ``test`` scenes and writes the card. The committed weights were made with one thread (about 12.5 minutes on
 the project's shared 2-core machine); another thread count sums in another order and gives slightly
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from tokred.mamba.reference.train import TrainConfig, export_reference, keep_freed_memory, train
+from tokred.bench.training.vim import TrainConfig, export_reference, keep_freed_memory, train
 
 __all__ = ["main"]
 
-ASSETS = Path(__file__).resolve().parents[1] / "packages" / "tokred-mamba" / "src" / "tokred" / "mamba" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "packages/tokred-bench/src/tokred/bench/assets/vim_scenes"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, then write ``vim_scenes.pt`` and ``vim_scenes.json`` into ``--out``."""
+    """Train, then write ``vim_scenes.pt`` and ``card.json`` into ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS, help=f"output folder (default {ASSETS})")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1, as committed)")

@@ -1,0 +1,735 @@
+"""Training the reference LLaVA from scratch on procedural scenes, deterministically, on the CPU.
+
+A tiny LLaVA trained on the answers alone learns the prior of each question kind and then stalls for longer
+than a CPU budget allows: its vision tower has to discover shapes and its decoder has to discover where to look,
+and neither gets a signal until the other works. Training therefore adds auxiliary losses that say what each
+part should compute; all of them act on full token sets (no token is ever dropped or merged, so benchmarks
+measure training-free reduction), their small heads are discarded, and the saved model is a plain
+``LlavaForConditionalGeneration``.
+
+* **Phase 1** trains the vision tower alone on per-patch labels from the scene's ground truth
+  (:func:`patch_targets`): the colour and shape of the object covering each patch, whether the patch holds an
+  object's centre, and the patch's own grid cell.
+* **Phase 2** trains everything on the questions: fresh scenes every step (``images_per_step`` of the ``train``
+  split), ``questions_per_image`` questions each (:func:`~tokred.bench.reference.questions.questions_for_scene`),
+  the cross-entropy of the one answer token, plus
+
+  - the per-patch loss of phase 1;
+  - *keyword*: head 0 of the first decoder layer, at every image token, should attend to the question's
+    keywords (:func:`keyword_target`; the prompt puts the question before the image);
+  - *relevance*: the decoder states entering the last layer should tell, per image token, whether the patch
+    holds what answers the question (:func:`relevant_patches`);
+  - *attention*: head 0 of the last decoder layer, at the answer position, should attend to those patches
+    (:func:`attention_target`).
+
+The vision tower runs once per image and its output is shared by the image's questions; everything else is
+exactly ``model(**processor(...))`` of each (question, image) prompt (a test checks the logits agree).
+
+Deterministic: fixed seeds, no dropout, and a fixed thread count (``torch.set_num_threads``); the same config
+and thread count give the same weights on the same machine.
+
+Example:
+    >>> from tokred.bench.reference.llava import ModelShape
+    >>> from tokred.bench.training.llava import TrainConfig, train
+    >>> shape = ModelShape(image_size=32, patch_size=8, vision_width=16, text_width=16)
+    >>> config = TrainConfig(shape=shape, vision_steps=1, steps=2, images_per_step=2, questions_per_image=2)
+    >>> len(train(config).losses)
+    2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# _shape_mask: the renderer's own masks, so that the per-patch labels match the pixels.
+from tokred.bench.scenes import COLORS, SHAPES, Scene, _shape_mask, make_scenes
+from tokred.bench.reference import CARD_NAME
+from tokred.bench.reference.llava import (
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    ModelShape,
+    build_model,
+    build_processor,
+    evaluate,
+    load_reference_model,
+    pixel_values,
+    prompt,
+    score,
+)
+from tokred.bench.reference.questions import (
+    MAX_COUNT,
+    QUESTION_KINDS,
+    Question,
+    make_questions,
+    plural,
+    questions_for_scene,
+)
+
+__all__ = ["PromptTokens", "TrainConfig", "TrainResult", "answer_ids", "patch_targets", "question_loss", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a training run.
+
+    Attributes:
+        shape: Model sizes.
+        vision_steps: Steps of phase 1, which trains the vision tower alone on the per-patch loss
+            (:func:`patch_targets`), so that the decoder starts from informative visual tokens.
+        vision_batch: Scenes per phase-1 step.
+        vision_learning_rate: Peak learning rate of phase 1.
+        steps: Steps of phase 2, which trains the whole model on the questions (and the auxiliary losses).
+        images_per_step: Scenes per phase-2 step, ``B``.
+        questions_per_image: Questions per scene, ``Q``: each phase-2 step has ``B * Q`` answers.
+        per_kind: Questions of each kind drawn per scene before the list is filled or cut to ``Q``.
+        learning_rate: Peak AdamW learning rate of phase 2.
+        min_learning_rate: Learning rate at the end of each cosine decay.
+        warmup_steps: Steps of linear warm-up from 0, in each phase.
+        weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+        betas: AdamW betas.
+        grad_clip: Clip of the global gradient norm (0: none).
+        patch_weight: Weight of the per-patch loss on the vision features in phase 2 (0: none).
+        relevance_weight: Weight of the per-patch loss on the decoder states that enter its last layer: whether
+            the patch holds what answers the question (:func:`relevant_patches`; 0: none).
+        attention_weight: Weight of the loss on the first head of the last decoder layer at the answer position:
+            cross-entropy against :func:`attention_target` (0: none).
+        keyword_weight: Weight of the loss on the first head of the first decoder layer at the image positions:
+            cross-entropy against an even spread over the question's keywords (:func:`keyword_target`; 0: none).
+        seed: Seed of the weight initialisation and of the question draws.
+        threads: ``torch.set_num_threads`` during training (part of what makes a run reproducible).
+        log_every: Steps between two log lines.
+    """
+
+    shape: ModelShape = field(default_factory=ModelShape)
+    vision_steps: int = 800
+    vision_batch: int = 32
+    vision_learning_rate: float = 6e-3
+    steps: int = 500
+    images_per_step: int = 16
+    questions_per_image: int = 8
+    per_kind: int = 2
+    learning_rate: float = 2e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    patch_weight: float = 1.0
+    relevance_weight: float = 1.0
+    attention_weight: float = 1.0
+    keyword_weight: float = 1.0
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: The trained ``LlavaForConditionalGeneration`` (fp32, eval mode).
+        processor: Its processor.
+        losses: Mean training loss of every step.
+        wall_time_s: Wall time of the training loop in seconds (scene rendering included, evaluation not).
+        config: The config it was trained with.
+    """
+
+    model: Any
+    processor: Any
+    losses: list[float]
+    wall_time_s: float
+    config: TrainConfig
+
+
+HELD_OUT_QUESTIONS = 1000
+"""Questions of the ``test`` split the card's accuracy is measured on."""
+SMALL_HELD_OUT_QUESTIONS = 128
+"""The first questions of that set whose accuracy the card also records (the tests check it)."""
+
+
+class PromptTokens:
+    """Token ids of the training prompts, exactly as the processor makes them at inference.
+
+    The prompt ``"<s> user: {question} <image>*n assistant:"`` is tokenised once per question text (cached);
+    a batch is left-padded like the processor's.
+
+    Args:
+        processor: The reference processor.
+        visual_tokens: Placeholders per image, ``n``.
+    """
+
+    def __init__(self, processor: Any, visual_tokens: int) -> None:
+        self.processor = processor
+        self.visual_tokens = visual_tokens
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of the whole prompt of the question ``text``."""
+        if text not in self._ids:
+            full = prompt(text).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.visual_tokens)
+            self._ids[text] = self.processor.tokenizer(full)["input_ids"]
+        return self._ids[text]
+
+    def batch(self, questions: list[list[Question]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask, both ``(B * Q, L)``, image by image."""
+        rows = [self.ids(q.text) for per_image in questions for q in per_image]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+        return ids.to(device), mask.to(device)
+
+
+def question_loss(
+    model: Any,
+    pixels: torch.Tensor,
+    tokens: PromptTokens,
+    questions: list[list[Question]],
+    *,
+    return_logits: bool = False,
+    return_features: bool = False,
+    return_states: bool = False,
+    return_attention: bool = False,
+) -> Any:
+    """Mean cross-entropy of the answer tokens, with one vision-tower pass per image.
+
+    Computes what ``model(**processor(...))`` computes for every (image, question) prompt, except that the
+    vision tower and the projector run once per image and their output is shared by its questions.
+
+    Args:
+        model: A reference ``LlavaForConditionalGeneration``.
+        pixels: fp32 ``(B, 3, H, W)``, normalised as the processor does (:func:`pixel_values`).
+        tokens: The prompt tokenisation.
+        questions: ``B`` lists of ``Q`` questions each (the same ``Q`` for every image).
+        return_logits: Also return the answer-position logits ``(B * Q, V)``.
+        return_features: Also return the vision features before the projector ``(B, n, C_vision)``.
+        return_states: Also return the decoder states at the image positions that enter the last decoder layer
+            ``(B * Q, n, D)``.
+        return_attention: Also return two attention maps of head 0, recomputed from the layers' inputs (the model
+            keeps its ``sdpa``): the last decoder layer's at the answer position ``(B * Q, L)`` and the first
+            layer's at the image positions ``(B * Q, n, L)``.
+
+    Returns:
+        The scalar loss, followed by the logits and the features where asked for.
+
+    Raises:
+        ValueError: If the images do not all have the same number of questions.
+    """
+    batch = pixels.shape[0]
+    per_image = len(questions[0])
+    if len(questions) != batch or any(len(q) != per_image for q in questions):
+        raise ValueError("questions must hold the same number of questions for every image")
+    config = model.config
+    base = model.model
+    # What LlavaModel.get_image_features computes, keeping the pre-projector features.
+    hidden = base.vision_tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+    selected = hidden[config.vision_feature_layer]
+    if config.vision_feature_select_strategy == "default":
+        selected = selected[:, 1:]
+    features = base.multi_modal_projector(selected)  # (B, n, D)
+    ids, mask = tokens.batch(questions, pixels.device)  # (B*Q, L)
+    embeds = model.get_input_embeddings()(ids)
+    image = (ids == config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image, features.repeat_interleave(per_image, dim=0).to(embeds.dtype))
+    captured: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+    layers = base.language_model.layers
+    hooks = []
+    if return_attention:
+        for number in {0, len(layers) - 1}:
+
+            def capture(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], number: int = number) -> None:
+                captured[number] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
+            hooks.append(layers[number].self_attn.register_forward_pre_hook(capture, with_kwargs=True))
+    try:
+        output = base.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=return_states)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    logits = model.lm_head(output.last_hidden_state[:, -1])  # (B*Q, V)
+    answers = answer_ids(tokens.processor, [q.answer for per in questions for q in per])
+    loss = torch.nn.functional.cross_entropy(logits.float(), answers.to(pixels.device))
+    out: tuple[Any, ...] = (loss,)
+    if return_logits:
+        out += (logits,)
+    if return_features:
+        out += (selected,)
+    if return_states:
+        inner = output.hidden_states[config.text_config.num_hidden_layers - 1]  # (B*Q, L, D)
+        out += (inner[image.squeeze(-1)].view(ids.shape[0], -1, inner.shape[-1]),)
+    if return_attention:
+        last = torch.full((ids.shape[0], 1), ids.shape[1] - 1, device=ids.device)
+        answer = _head_attention(layers[-1].self_attn, *captured[len(layers) - 1], mask, last)[:, 0]
+        where = torch.nonzero(image.squeeze(-1))[:, 1].view(ids.shape[0], -1)  # (N, n) image positions
+        out += (answer, _head_attention(layers[0].self_attn, *captured[0], mask, where))
+    return out[0] if len(out) == 1 else out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _head_attention(
+    attention: Any,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    queries: torch.Tensor,
+) -> torch.Tensor:
+    """Causal attention probabilities ``(N, m, L)`` of head 0 of a Llama attention layer at some positions.
+
+    Args:
+        attention: The layer's ``LlamaAttention``.
+        hidden: ``(N, L, D)``, the layer's (normalised) input.
+        rope: The ``(cos, sin)`` it received, each ``(N or 1, L, head_dim)``.
+        mask: ``(N, L)`` padding mask, 1 for real tokens.
+        queries: Long ``(N, m)``: the query positions of each row.
+    """
+    size = attention.head_dim
+    rows = hidden.shape[0]
+    cos, sin = (r.expand(rows, -1, -1) for r in rope)
+    pick = queries.unsqueeze(-1).expand(-1, -1, size)
+    query = attention.q_proj(hidden)[..., :size].gather(1, pick)  # (N, m, hd)
+    key = attention.k_proj(hidden)[..., :size]  # (N, L, hd)
+    query = query * cos.gather(1, pick) + _rotate_half(query) * sin.gather(1, pick)
+    key = key * cos + _rotate_half(key) * sin
+    logits = (query @ key.transpose(1, 2)).float() * attention.scaling  # (N, m, L)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    hidden_keys = (mask == 0).unsqueeze(1) | (positions.view(1, 1, -1) > queries.unsqueeze(-1))
+    return logits.masked_fill(hidden_keys, float("-inf")).softmax(dim=-1)
+
+
+def answer_ids(processor: Any, words: Sequence[str]) -> torch.Tensor:
+    """Long ``(len(words),)``: the token id of each one-word answer.
+
+    Raises:
+        ValueError: If a word is not in the vocabulary.
+    """
+    ids = processor.tokenizer.convert_tokens_to_ids(list(words))
+    if any(i == processor.tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"an answer is not in the vocabulary: {list(words)}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _cover(scene: Scene, shape: ModelShape) -> tuple[torch.Tensor, list[int]]:
+    """Object index covering each patch (``-1``: none) and the patch holding each object's centre.
+
+    A patch is covered by the object with the most pixels in it, if that is at least a tenth of the patch.
+    """
+    side, patch = shape.image_size // shape.patch_size, shape.patch_size
+    coords = torch.arange(shape.image_size, dtype=torch.float32) + 0.5
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    fractions = torch.stack(
+        [_shape_mask(obj.shape, xs - obj.center[0], ys - obj.center[1], obj.radius).float() for obj in scene.objects]
+    )  # (objects, H, W)
+    fractions = torch.nn.functional.avg_pool2d(fractions.unsqueeze(1), patch).flatten(1)  # (objects, n)
+    best, owner = fractions.max(dim=0)
+    owner = torch.where(best >= 0.1, owner, -1)
+    centres = [
+        min(int(obj.center[1] // patch), side - 1) * side + min(int(obj.center[0] // patch), side - 1)
+        for obj in scene.objects
+    ]
+    return owner, centres
+
+
+def patch_targets(scenes: Sequence[Scene], shape: ModelShape) -> torch.Tensor:
+    """Per-patch labels of the auxiliary vision loss: what object covers each patch, and where objects are.
+
+    A patch is covered by the object with the most pixels in it, if that is at least a tenth of the patch (the
+    scene's exact shape masks). The *centre* patch of an object is the one that holds its centre.
+
+    Args:
+        scenes: ``B`` scenes.
+        shape: Model sizes (image and patch size).
+
+    Returns:
+        Long ``(B, n, 4)``: colour (0 none, else ``1 +`` index in ``COLORS``), shape (0 none, else
+        ``1 +`` index in ``SHAPES``), centre flag (0 or 1) and the patch's own 3 x 3 grid cell (``0..8``,
+        see ``POSITIONS``) of each patch, row-major.
+    """
+    side = shape.image_size // shape.patch_size
+    out = torch.zeros((len(scenes), shape.visual_tokens, 4), dtype=torch.long)
+    index = torch.arange(side * side)
+    out[..., 3] = (index // side * 3 // side) * 3 + index % side * 3 // side
+    colors = list(COLORS)
+    for b, scene in enumerate(scenes):
+        owner, centres = _cover(scene, shape)
+        for i, obj in enumerate(scene.objects):
+            out[b, owner == i, 0] = 1 + colors.index(obj.color)
+            out[b, owner == i, 1] = 1 + SHAPES.index(obj.shape)
+            out[b, centres[i], 2] = 1
+    return out
+
+
+def relevant_patches(
+    scene: Scene, question: Question, shape: ModelShape, cover: tuple[torch.Tensor, list[int]] | None = None
+) -> torch.Tensor:
+    """Bool ``(n,)``: the patches that hold what answers ``question``.
+
+    ``color``: the patches of the named (unique) shape; ``shape``: those of the object in the named cell;
+    ``exists``: those of objects of the named colour and shape (none when the answer is no); ``count``: the
+    centre patch of every object of the named shape. ``cover`` is the scene's ``_cover``, if already computed.
+    """
+    owner, centres = cover if cover is not None else _cover(scene, shape)
+    relevant = torch.zeros(shape.visual_tokens, dtype=torch.bool)
+    for i, obj in enumerate(scene.objects):
+        if question.kind == "count":
+            if obj.shape == question.about[0]:
+                relevant[centres[i]] = True
+            continue
+        if question.kind == "color":
+            match = obj.shape == question.about[0]
+        elif question.kind == "shape":
+            match = obj.position == question.about[0]
+        else:
+            match = (obj.color, obj.shape) == question.about
+        if match:
+            relevant |= owner == i
+    return relevant
+
+
+def attention_target(
+    scenes: Sequence[Scene], questions: list[list[Question]], mask: torch.Tensor, image: torch.Tensor, shape: ModelShape
+) -> torch.Tensor:
+    """Where the answer position should look, for the auxiliary attention loss: ``(B * Q, L)`` rows summing to 1.
+
+    ``color``, ``shape`` and a ``yes`` to ``exists``: evenly over the relevant patches (:func:`relevant_patches`);
+    ``count``: ``1 / (MAX_COUNT + 1)`` on the centre patch of each object counted, the rest on ``<s>``; a ``no``
+    to ``exists``: all on ``<s>``.
+    """
+    rows = []
+    first = mask.long().argmax(dim=1)  # position of <s> in each left-padded row
+    for b, scene in enumerate(scenes):
+        for question in questions[b]:
+            rows.append((scene, question))
+    target = torch.zeros(mask.shape, dtype=torch.float32)
+    covers = {id(scene): _cover(scene, shape) for scene in scenes}
+    for r, (scene, question) in enumerate(rows):
+        relevant = relevant_patches(scene, question, shape, covers[id(scene)])
+        positions = torch.nonzero(image[r]).squeeze(1)[relevant]
+        if question.kind == "count":
+            target[r, positions] = 1.0 / (MAX_COUNT + 1)
+            target[r, first[r]] = 1.0 - target[r].sum()
+        elif positions.numel():
+            target[r, positions] = 1.0 / positions.numel()
+        else:
+            target[r, first[r]] = 1.0
+    return target
+
+
+def _optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        plain = parameter.dim() < 2 or "embed" in name or "norm" in name
+        (no_decay if plain else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, foreach=False)
+
+
+def keyword_target(questions: list[list[Question]], ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Where the image tokens should look first: ``(B * Q, L)`` rows spread evenly over the question's keywords.
+
+    The keywords are the words of ``question.about`` (the plural shape for ``count``), found in the prompt
+    before the image.
+    """
+    target = torch.zeros(ids.shape, dtype=torch.float32)
+    flat = [q for per in questions for q in per]
+    for row, question in enumerate(flat):
+        words = [plural(w) if question.kind == "count" else w for w in question.about]
+        keys = set(tokenizer.convert_tokens_to_ids([part for w in words for part in w.split()]))
+        first_image = int((ids[row] == IMAGE_TOKEN_ID).nonzero()[0])
+        hits = [i for i in range(first_image) if int(ids[row, i]) in keys]
+        target[row, hits] = 1.0 / len(hits)
+    return target
+
+
+PATCH_CLASSES: tuple[int, ...] = (1 + len(COLORS), 1 + len(SHAPES), 2, 9)
+"""Classes of the four per-patch targets of :func:`patch_targets`."""
+
+
+def _patch_loss(head: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the four per-patch targets; the shape only on covered patches, and counted twice."""
+    parts = [p.flatten(0, 1).float() for p in torch.split(head(features), PATCH_CLASSES, dim=-1)]
+    flat = targets.flatten(0, 1)
+    covered = flat[:, 1] > 0
+    loss = sum(torch.nn.functional.cross_entropy(parts[i], flat[:, i]) for i in (0, 2, 3))
+    if covered.any():
+        loss = loss + 2 * torch.nn.functional.cross_entropy(parts[1][covered], flat[covered, 1])
+    return loss
+
+
+def _vision_features(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    config = model.config
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+    selected = hidden[config.vision_feature_layer]
+    return selected[:, 1:] if config.vision_feature_select_strategy == "default" else selected
+
+
+class _Log:
+    def __init__(self, log: Callable[[str], None] | None, every: int, start: float) -> None:
+        self.log, self.every, self.start = log, every, start
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, **values: float) -> None:
+        for name, value in values.items():
+            self.values.setdefault(name, []).append(value)
+
+    def step(self, phase: str, step: int, steps: int) -> None:
+        if self.log is None or (step % self.every and step != steps):
+            return
+        parts = [f"{name} {sum(v[-self.every :]) / len(v[-self.every :]):.4f}" for name, v in self.values.items()]
+        self.log(f"{phase} step {step}/{steps}  {'  '.join(parts)}  {time.perf_counter() - self.start:.0f}s")
+
+
+def train(
+    config: TrainConfig, *, device: str | torch.device = "cpu", log: Callable[[str], None] | None = None
+) -> TrainResult:
+    """Train a reference LLaVA from scratch, in two phases (see :class:`TrainConfig`).
+
+    Args:
+        config: The hyper-parameters.
+        device: Where to train; the shipped checkpoint is trained on ``"cpu"`` (other devices are for quick
+            experiments and do not reproduce it bit for bit).
+        log: Called with a progress line every ``config.log_every`` steps.
+
+    Returns:
+        The trained model (fp32, eval mode, on ``device``), its processor, the phase-2 answer losses and the
+        wall time.
+    """
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        start = time.perf_counter()
+        shape = config.shape
+        processor = build_processor(shape)
+        model = build_model(shape, seed=config.seed).to(device).train()
+        tokens = PromptTokens(processor, shape.visual_tokens)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            patch_head = torch.nn.Linear(shape.vision_width, sum(PATCH_CLASSES)).to(device)
+            relevance_head = torch.nn.Linear(shape.text_width, 1).to(device)
+        next_scene = 0
+
+        def scenes_for(count: int) -> Any:
+            nonlocal next_scene
+            scenes = make_scenes(count, split="train", start=next_scene, image_size=shape.image_size)
+            next_scene += count
+            return scenes
+
+        # Phase 1: the vision tower alone, on the per-patch targets.
+        vision = torch.nn.ModuleDict({"tower": model.model.vision_tower, "patch": patch_head})
+        optimizer = _optimizer(vision, config)
+        tracker = _Log(log, config.log_every, start)
+        for step in range(config.vision_steps):
+            scenes = scenes_for(config.vision_batch)
+            pixels = pixel_values(scenes.images.to(device), processor)
+            _set_learning_rate(optimizer, config, step, config.vision_steps, config.vision_learning_rate)
+            loss = _patch_loss(
+                patch_head, _vision_features(model, pixels), patch_targets(scenes.scenes, shape).to(device)
+            )
+            _update(optimizer, loss, config)
+            tracker.add(**{"patch loss": loss.item()})
+            tracker.step("vision", step + 1, config.vision_steps)
+
+        # Phase 2: everything, on the questions.
+        heads = torch.nn.ModuleDict({"model": model, "patch": patch_head, "relevance": relevance_head})
+        optimizer = _optimizer(heads, config)
+        tracker = _Log(log, config.log_every, start)
+        losses: list[float] = []
+        for step in range(config.steps):
+            scenes = scenes_for(config.images_per_step)
+            questions = [
+                questions_for_scene(s, config.per_kind, seed=config.seed, total=config.questions_per_image)
+                for s in scenes.scenes
+            ]
+            pixels = pixel_values(scenes.images.to(device), processor)
+            _set_learning_rate(optimizer, config, step, config.steps, config.learning_rate)
+            answer_loss, features, states, attention, fetch = question_loss(
+                model, pixels, tokens, questions, return_features=True, return_states=True, return_attention=True
+            )
+            loss = answer_loss
+            parts = {"answer loss": answer_loss.item()}
+            if config.patch_weight > 0:
+                patch = _patch_loss(patch_head, features, patch_targets(scenes.scenes, shape).to(device))
+                loss = loss + config.patch_weight * patch
+                parts["patch loss"] = patch.item()
+            covers = [_cover(scene, shape) for scene in scenes.scenes]
+            if config.relevance_weight > 0:
+                relevant = torch.stack(
+                    [
+                        relevant_patches(scene, q, shape, cover)
+                        for scene, cover, per in zip(scenes.scenes, covers, questions, strict=True)
+                        for q in per
+                    ]
+                ).to(device)
+                relevance = torch.nn.functional.binary_cross_entropy_with_logits(
+                    relevance_head(states).squeeze(-1).float(), relevant.float()
+                )
+                loss = loss + config.relevance_weight * relevance
+                parts["relevance loss"] = relevance.item()
+            if config.attention_weight > 0:
+                ids, mask = tokens.batch(questions, torch.device("cpu"))
+                target = attention_target(scenes.scenes, questions, mask, ids == IMAGE_TOKEN_ID, shape)
+                looking = -(target.to(device) * (attention + 1e-9).log()).sum(-1).mean()
+                loss = loss + config.attention_weight * looking
+                parts["attention loss"] = looking.item()
+            if config.keyword_weight > 0:
+                ids, _ = tokens.batch(questions, torch.device("cpu"))
+                target = keyword_target(questions, ids, processor.tokenizer).to(device).unsqueeze(1)
+                fetching = -(target * (fetch + 1e-9).log()).sum(-1).mean()
+                loss = loss + config.keyword_weight * fetching
+                parts["keyword loss"] = fetching.item()
+            _update(optimizer, loss, config)
+            losses.append(parts["answer loss"])
+            tracker.add(**parts)
+            tracker.step("answer", step + 1, config.steps)
+        wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return TrainResult(model.eval(), processor, losses, wall, config)
+
+
+def _set_learning_rate(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, steps: int, peak: float
+) -> None:
+    if step < config.warmup_steps:
+        rate = peak * (step + 1) / config.warmup_steps
+    else:
+        progress = (step - config.warmup_steps) / max(steps - config.warmup_steps, 1)
+        rate = config.min_learning_rate + (peak - config.min_learning_rate) * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, config: TrainConfig) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip, foreach=False)
+    optimizer.step()
+
+
+def save_checkpoint(model: Any, processor: Any, folder: str | Path) -> Path:
+    """Write ``model`` (as fp16 safetensors, with its generation config) and ``processor`` to ``folder``.
+
+    The model itself is left in its dtype; a copy is halved for saving.
+
+    Returns:
+        The folder.
+    """
+    import copy
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).to(torch.float16)
+    half.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_card(folder: str | Path, result: TrainResult, *, command: str, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the checkpoint in ``folder`` as users load it and write its card (``card.json``) there.
+
+    The model is loaded with :func:`~tokred.bench.reference.llava.load_reference_model` (fp16 weights run in fp32
+    on the CPU) and evaluated on the first :data:`HELD_OUT_QUESTIONS` questions of the ``test`` split and on the
+    first :data:`SMALL_HELD_OUT_QUESTIONS` of them (the set the tests check).
+
+    Args:
+        folder: A folder written by :func:`save_checkpoint`.
+        result: The training run that produced it.
+        command: The command line that produced it.
+        device: The device it was trained on.
+
+    Returns:
+        The card.
+    """
+    import platform
+
+    import transformers
+
+    folder = Path(folder)
+    model, processor = load_reference_model(folder)
+    shape = result.config.shape
+    questions = make_questions(HELD_OUT_QUESTIONS, split="test", image_size=shape.image_size)
+    full = evaluate(model, processor, questions, batch_size=50)
+    small = score(questions.questions[:SMALL_HELD_OUT_QUESTIONS], full.predictions[:SMALL_HELD_OUT_QUESTIONS])
+    parameters = sum(p.numel() for p in model.parameters())
+    card = {
+        "name": "tokred llava_scenes",
+        "model": "LlavaForConditionalGeneration",
+        "description": (
+            "A small LLaVA (CLIP vision tower, MLP projector, Llama decoder) trained from scratch to answer "
+            "templated questions about tokred.bench.scenes with one word."
+        ),
+        "config": {
+            "image_size": shape.image_size,
+            "patch_size": shape.patch_size,
+            "visual_tokens": shape.visual_tokens,
+            "vision": {
+                "width": shape.vision_width,
+                "layers": shape.vision_layers,
+                "heads": shape.vision_heads,
+                "mlp": shape.mlp_ratio * shape.vision_width,
+            },
+            "decoder": {
+                "width": shape.text_width,
+                "layers": shape.text_layers,
+                "heads": shape.text_heads,
+                "mlp": shape.mlp_ratio * shape.text_width,
+                "rope_theta": shape.rope_theta,
+            },
+            "vocab_size": model.config.text_config.vocab_size,
+            "parameters": parameters,
+            "weights": "float16 safetensors (evaluated in float32)",
+        },
+        "prompt": prompt("{question}"),
+        "question_kinds": list(QUESTION_KINDS),
+        "held_out": {
+            "split": "test",
+            "questions": full.examples,
+            "question_seed": 0,
+            "accuracy": full.accuracy,
+            "per_kind": full.per_kind,
+            "small": {"questions": small.examples, "accuracy": small.accuracy, "per_kind": small.per_kind},
+        },
+        "training": {
+            "command": command,
+            "device": device,
+            "threads": result.config.threads,
+            "wall_time_s": round(result.wall_time_s, 1),
+            "train_scenes": result.config.vision_steps * result.config.vision_batch
+            + result.config.steps * result.config.images_per_step,
+            "questions_seen": result.config.steps * result.config.images_per_step * result.config.questions_per_image,
+            "final_answer_loss": sum(result.losses[-20:]) / max(len(result.losses[-20:]), 1),
+            "config": result.config.to_dict(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "machine": platform.machine(),
+        },
+    }
+    (folder / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card
