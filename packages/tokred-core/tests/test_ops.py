@@ -9,14 +9,19 @@ import torch.nn.functional as F
 from tokred.core.ops import (
     assign_to_nearest,
     bipartite_soft_matching,
+    compute_dtype,
     cosine_similarity,
     farthest_point_sampling,
     gather_tokens,
+    make_generator,
+    mask_to_indices,
     merge_weights,
     projection_residual,
+    rank,
     ridge_least_squares,
     scatter_merge,
     topk_indices,
+    uniform_noise,
 )
 
 
@@ -280,3 +285,71 @@ def test_bipartite_matching_single_free_token_is_dropped():
     assert match.sources.tolist() == [[1]] and match.destinations.tolist() == [[-1]]
     with pytest.raises(ValueError, match="r must lie between"):
         bipartite_soft_matching(tokens, 2, protected=protected)
+
+
+def test_bipartite_matching_with_an_explicit_source_set_matches_brute_force():
+    tokens = randn(2, 16, 5, seed=26, dtype=torch.float64)
+    protected = torch.zeros(2, 16, dtype=torch.bool)
+    protected[1, 3] = True
+    sources = torch.zeros(2, 16, dtype=torch.bool)
+    sources[0, :6] = True
+    sources[1, [3, 5, 9, 12]] = True  # position 3 is protected: never a source
+    match = bipartite_soft_matching(tokens, torch.tensor([4, 2]), protected=protected, sources=sources)
+    for row, r in enumerate([4, 2]):
+        a = [i for i in range(16) if sources[row, i] and not protected[row, i]]
+        b = [i for i in range(16) if not sources[row, i] and not protected[row, i]]
+        best = {}
+        for i in a:
+            sims = {j: F.cosine_similarity(tokens[row, i], tokens[row, j], dim=0).item() for j in b}
+            j = max(b, key=lambda j: (sims[j], -j))
+            best[i] = (sims[j], j)
+        chosen = sorted(a, key=lambda i: (-best[i][0], i))[:r]
+        assert match.sources[row, :r].tolist() == chosen
+        assert match.destinations[row, :r].tolist() == [best[i][1] for i in chosen]
+    with pytest.raises(ValueError, match="number of sources"):
+        bipartite_soft_matching(tokens, 4, protected=protected, sources=sources)
+    with pytest.raises(ValueError, match="sources must be a bool tensor"):
+        bipartite_soft_matching(tokens, 1, sources=sources.long())
+
+
+# -- ranking, masks, precision, random draws ---------------------------------------------------------------------
+
+
+def test_rank_is_the_position_in_a_stable_sort():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.1], [3.0, 2.0, 1.0, 0.0, -1.0]])
+    ranks = rank(scores)
+    for row in range(2):
+        order = sorted(range(5), key=lambda i: (-scores[row, i].item(), i))
+        assert ranks[row].tolist() == [order.index(i) for i in range(5)]
+    assert rank(scores, descending=False)[1].tolist() == [4, 3, 2, 1, 0]
+    assert rank(torch.tensor([[True, False, True]])).tolist() == [[0, 2, 1]]
+
+
+def test_mask_to_indices_gives_ascending_positions_and_checks_counts():
+    mask = torch.tensor([[False, True, True, False], [True, False, False, True]])
+    assert mask_to_indices(mask).tolist() == [[1, 2], [0, 3]]
+    assert mask_to_indices(mask, 2).tolist() == [[1, 2], [0, 3]]
+    assert mask_to_indices(torch.zeros(3, 0, dtype=torch.bool)).shape == (3, 0)
+    with pytest.raises(ValueError, match="must hold 2 True entries"):
+        mask_to_indices(torch.tensor([[True, True], [True, False]]))
+    with pytest.raises(ValueError, match="bool tensor"):
+        mask_to_indices(torch.ones(2, 2))
+
+
+def test_compute_dtype_widens_half_and_keeps_double():
+    half, single, double = (torch.ones(1, dtype=d) for d in (torch.float16, torch.float32, torch.float64))
+    assert compute_dtype(half) == compute_dtype(single) == compute_dtype(torch.ones(1, dtype=torch.bfloat16))
+    assert compute_dtype(half) is torch.float32
+    assert compute_dtype(double) is torch.float64 and compute_dtype(half, None, double) is torch.float64
+    assert compute_dtype(None) is torch.float32
+
+
+def test_seeded_noise_is_reproducible_advances_and_ignores_the_global_rng():
+    a, b = make_generator(5), make_generator(5)
+    first = uniform_noise((2, 4), generator=a)
+    torch.manual_seed(123)  # the global generator must not matter
+    assert torch.equal(first, uniform_noise((2, 4), generator=b))
+    assert not torch.equal(first, uniform_noise((2, 4), generator=a)), "successive draws differ"
+    assert make_generator(None) is None
+    assert uniform_noise((3,), device="meta").device.type == "meta"
+    assert ((first >= 0) & (first < 1)).all() and first.dtype == torch.float32

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tokred.core import Budget, BudgetError, Reducer, Reduction, create_reducer, select_top
+from tokred.core import CALLER_SCORES, Budget, BudgetError, Reducer, Reduction, create_reducer, select_top
 
 
 class KeepFirst(Reducer):
@@ -17,8 +17,7 @@ class KeepFirst(Reducer):
 class ScoreKeeper(Reducer):
     """Keep the best-scored tokens."""
 
-    accepts_scores = True
-    requires_scores = True
+    needs_scores = CALLER_SCORES
 
     def reduce(self, tokens, num_keep, *, scores, protected, sizes):
         return Reduction.from_selection(tokens, select_top(scores, num_keep, protected), sizes)
@@ -34,7 +33,6 @@ def test_keep_ratio_rounds_half_up_and_keeps_at_least_one(ratio, num_tokens, exp
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({}, "exactly one"),
         ({"num_keep": 1, "keep_ratio": 0.5}, "exactly one"),
         ({"num_keep": 1, "num_remove": 2}, "exactly one"),
         ({"num_keep": 0}, ">= 1"),
@@ -72,6 +70,18 @@ def test_per_call_num_keep_overrides_the_budget():
     assert reducer(tokens, num_keep=99).tokens is tokens
     with pytest.raises(BudgetError, match="num_keep must be >= 1"):
         reducer(tokens, num_keep=0)
+
+
+def test_a_reducer_without_a_budget_needs_one_per_call():
+    reducer = KeepFirst()
+    assert reducer.budget is None and reducer.num_keep is None and reducer.keep_ratio is None
+    assert reducer.config() == {"num_keep": None, "keep_ratio": None, "num_remove": None}
+    tokens = torch.randn(2, 10, 3)
+    with pytest.raises(BudgetError, match="KeepFirst was built without a budget"):
+        reducer(tokens)
+    assert reducer(tokens, num_keep=4).indices.tolist() == [[0, 1, 2, 3]] * 2
+    with pytest.raises(BudgetError, match="exactly one"):
+        Budget()
 
 
 def test_budget_error_is_a_value_error():

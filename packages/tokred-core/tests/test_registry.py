@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from tokred.core import (
+    InvalidTypeError,
     Reducer,
     Reduction,
+    Registry,
     RegistryError,
+    UnknownNameError,
     UnknownReducerError,
     available_reducers,
     create_reducer,
@@ -83,7 +86,7 @@ def test_only_reducers_can_be_registered():
 
 
 def test_unknown_name_lists_known_reducers():
-    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'nope'; known reducers: ") as exc:
+    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'nope'\. Known reducers: ") as exc:
         create_reducer("nope", num_keep=3)
     for name in ("divprune", "norm", "random", "tome", "topk", "uniform"):
         assert name in str(exc.value)
@@ -91,14 +94,28 @@ def test_unknown_name_lists_known_reducers():
         get_reducer_class("nope")
 
 
-def test_unknown_known_elsewhere_names_the_package(monkeypatch):
-    monkeypatch.setattr(REDUCERS, "_entry_points", {})  # as if tokred-vlm were not installed
-    monkeypatch.setattr(REDUCERS, "_objects", dict(REDUCERS._objects))
-    REDUCERS._objects.pop("apet", None)
-    with pytest.raises(UnknownReducerError, match="pip install tokred-vlm"):
-        create_reducer("apet", num_keep=3)
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'tmoe'\. Did you mean 'tome'\?"):
+        create_reducer("tmoe", num_keep=3)
 
 
-def test_unexpected_config_is_a_type_error():
-    with pytest.raises(TypeError, match="alpha"):
+def test_a_generic_registry_resolves_aliases_and_refuses_clashes():
+    registry = Registry("tokred.tests_nothing", "widget", unknown_error=UnknownNameError)
+    registry.register("blue_widget", "B", aliases=("bluewidget",))
+    assert registry.get("bluewidget") == "B" and registry.resolve("bluewidget") == "blue_widget"
+    assert registry.names() == ["blue_widget"] and registry.names(include_aliases=True) == ["blue_widget", "bluewidget"]
+    assert registry.names("red*") == []
+    assert "bluewidget" in registry and "green" not in registry
+    with pytest.raises(RegistryError, match="alias 'bluewidget' already names another widget"):
+        registry.register("other_widget", "O", aliases=("bluewidget",))
+    with pytest.raises(UnknownNameError, match=r"unknown widget 'blu_widget'\. Did you mean 'blue_widget'"):
+        registry.get("blu_widget")
+    registry.unregister("blue_widget")
+    assert "bluewidget" not in registry
+
+
+def test_unexpected_config_is_a_type_error_that_lists_the_arguments():
+    with pytest.raises(InvalidTypeError, match=r"reducer 'norm': .*alpha.*it takes num_keep, keep_ratio, num_remove"):
         create_reducer("norm", num_keep=3, alpha=1.0)
+    with pytest.raises(InvalidTypeError, match=r"it takes merge, num_keep, keep_ratio, num_remove"):
+        create_reducer("uniform", num_keep=3, merged=True)

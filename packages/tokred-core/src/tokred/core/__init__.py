@@ -16,11 +16,27 @@ from importlib import metadata as _metadata
 
 from tokred.core import reducers as _reducers  # registers the baselines
 from tokred.core.budget import Budget, BudgetKwargs
-from tokred.core.errors import BudgetError, PluginLoadError, RegistryError, TokredError, UnknownReducerError
-from tokred.core.reducer import Reducer, select_top
+from tokred.core.errors import (
+    AttachError,
+    BudgetError,
+    IncompatibleReducerError,
+    InvalidInputError,
+    InvalidTypeError,
+    MissingDependencyError,
+    MissingFileError,
+    PluginLoadError,
+    ReducerContractError,
+    RegistryError,
+    TokredError,
+    UnknownNameError,
+    UnknownReducerError,
+    UnsupportedError,
+)
+from tokred.core.reducer import CALLER_SCORES, Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import (
     ReducerInfo,
+    Registry,
     available_reducers,
     create_reducer,
     get_reducer_class,
@@ -37,17 +53,28 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 del _reducers
 
 __all__ = [
+    "CALLER_SCORES",
+    "AttachError",
     "Budget",
     "BudgetError",
     "BudgetKwargs",
+    "IncompatibleReducerError",
+    "InvalidInputError",
+    "InvalidTypeError",
     "MergeRounds",
+    "MissingDependencyError",
+    "MissingFileError",
     "PluginLoadError",
     "Reducer",
+    "ReducerContractError",
     "ReducerInfo",
     "Reduction",
+    "Registry",
     "RegistryError",
     "TokredError",
+    "UnknownNameError",
     "UnknownReducerError",
+    "UnsupportedError",
     "__version__",
     "available_reducers",
     "create_reducer",

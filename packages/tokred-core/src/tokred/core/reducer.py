@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from tokred.core.budget import Budget
-from tokred.core.errors import BudgetError
+from tokred.core.errors import BudgetError, InvalidInputError, InvalidTypeError, ReducerContractError
 from tokred.core.ops.selection import topk_indices
 from tokred.core.reduction import Reduction
 
-if TYPE_CHECKING:
-    pass
+__all__ = ["CALLER_SCORES", "Reducer", "select_top"]
 
-__all__ = ["Reducer", "select_top"]
+CALLER_SCORES = "caller"
+"""The [`Reducer.needs_scores`][tokred.core.Reducer.needs_scores] of a reducer that ranks whatever scores its
+caller computes (``topk``): no model integration supplies such scores, so attaching it to a model is refused."""
 
 _BUDGET_FIELDS = ("num_keep", "keep_ratio", "num_remove")
 
@@ -24,25 +25,36 @@ _BUDGET_FIELDS = ("num_keep", "keep_ratio", "num_remove")
 class Reducer(abc.ABC):
     """Base class of every token reducer: given token sets, decide which tokens survive and what they carry.
 
-    A reducer is built with its hyper-parameters and a budget (exactly one of ``num_keep``, ``keep_ratio`` and
-    ``num_remove``) and called on a batch of token sets::
+    A reducer is built with its hyper-parameters and, usually, a budget (at most one of ``num_keep``,
+    ``keep_ratio`` and ``num_remove``), and called on a batch of token sets::
 
         reduction = reducer(tokens, scores=None, protected=None, sizes=None)
 
     The call validates the inputs, resolves the budget to ``K`` tokens per set, returns every token unchanged
-    when ``K >= N``, and otherwise delegates to :meth:`reduce`, the one method a subclass implements. The
-    result is a :class:`~tokred.core.Reduction` whose plan can be applied to any other per-token tensor.
+    when ``K >= N``, and otherwise delegates to [`reduce`][tokred.core.Reducer.reduce], the one method a
+    subclass implements. The result is a [`Reduction`][tokred.core.Reduction] whose plan can be applied to
+    any other per-token tensor.
+
+    A reducer built without a budget is meant for a model's schedule, which passes the count of every step
+    as the call's ``num_keep`` (a Vision Mamba model's ``flops_cut``, a stage inside a language model);
+    called without one, it raises [`BudgetError`][tokred.core.errors.BudgetError].
 
     Subclasses take their own hyper-parameters as keyword arguments plus ``**budget`` (passed on to this
-    constructor), and store each hyper-parameter under an attribute of the same name, so :meth:`config` (and
-    ``create_reducer(name, **reducer.config())``) reproduces the reducer.
+    constructor), and store each hyper-parameter under an attribute of the same name, so
+    [`config`][tokred.core.Reducer.config] (and ``create_reducer(name, **reducer.config())``) reproduces the
+    reducer.
 
     Attributes:
-        name: Registry name, set by :func:`~tokred.core.register_reducer`.
-        accepts_scores: Whether :meth:`reduce` uses external ``scores`` (attention, Δ, …). Passing scores to a
-            reducer that would ignore them is an error, so nothing is silently dropped.
-        requires_scores: Whether ``scores`` must be given.
+        name: Registry name, set by [`register_reducer`][tokred.core.register_reducer].
+        needs_scores: Which importance scores [`reduce`][tokred.core.Reducer.reduce] ranks tokens by. None
+            (the default): the tokens alone, and passing ``scores`` is an error, so nothing is silently
+            ignored. The name of a model-supplied score, such as ``"delta"`` (Vision Mamba's Δ timescale,
+            which tokred-mamba models supply): a model integration that can compute it passes it as
+            ``scores``, and one that cannot refuses the reducer when it is attached.
+            [`CALLER_SCORES`][tokred.core.reducer.CALLER_SCORES]: whatever the caller computes (``topk``).
+            In every case but None, ``scores`` must be given to each call.
         stochastic: Whether results depend on random draws (then they are reproducible under a ``seed``).
+        budget: The [`Budget`][tokred.core.Budget], or None for a reducer built without one.
 
     Args:
         num_keep: Tokens kept per token set (``>= 1``).
@@ -51,29 +63,42 @@ class Reducer(abc.ABC):
     """
 
     name: ClassVar[str] = ""
-    accepts_scores: ClassVar[bool] = False
-    requires_scores: ClassVar[bool] = False
+    needs_scores: ClassVar[str | None] = None
     stochastic: ClassVar[bool] = False
 
     def __init__(
         self, *, num_keep: int | None = None, keep_ratio: float | None = None, num_remove: int | None = None
     ) -> None:
-        self.budget = Budget(num_keep=num_keep, keep_ratio=keep_ratio, num_remove=num_remove)
+        given = any(value is not None for value in (num_keep, keep_ratio, num_remove))
+        self.budget: Budget | None = (
+            Budget(num_keep=num_keep, keep_ratio=keep_ratio, num_remove=num_remove) if given else None
+        )
 
     @property
     def num_keep(self) -> int | None:
-        """The absolute budget, or None when the budget is a ratio."""
-        return self.budget.num_keep
+        """The absolute budget, or None when the budget is a ratio, a removal count or absent."""
+        return None if self.budget is None else self.budget.num_keep
 
     @property
     def keep_ratio(self) -> float | None:
-        """The relative budget, or None when the budget is a count."""
-        return self.budget.keep_ratio
+        """The relative budget, or None."""
+        return None if self.budget is None else self.budget.keep_ratio
 
     @property
     def num_remove(self) -> int | None:
         """The removal budget (tokens removed per call), or None."""
-        return self.budget.num_remove
+        return None if self.budget is None else self.budget.num_remove
+
+    def score_options(self) -> dict[str, Any]:
+        """How this reducer wants its model-supplied scores computed, for the integration that supplies them.
+
+        MTR, for example, asks for its Δ scores summed over ``directions`` and reduced over channels by
+        ``channel_reduce``. Reducers with ``needs_scores=None`` have none.
+
+        Returns:
+            Keyword arguments for the integration's score function; empty by default.
+        """
+        return {}
 
     def __call__(
         self,
@@ -88,29 +113,35 @@ class Reducer(abc.ABC):
 
         Args:
             tokens: Tokens of shape ``(B, N, C)``, any floating dtype, any device. Not modified.
-            scores: Optional importance of shape ``(B, N)`` supplied by the model (higher = more important),
-                for reducers with ``accepts_scores``.
+            scores: Importance of shape ``(B, N)`` (higher = more important), required by reducers whose
+                ``needs_scores`` is set and refused by the others.
             protected: Optional bool mask of shape ``(B, N)``: tokens that must survive unchanged (class
                 tokens, newline tokens). They count towards the budget.
             sizes: Optional sizes of shape ``(B, N)``: how many original tokens each input token already
                 stands for (after earlier merges); merges weight by them.
             num_keep: Optional budget for this call only, overriding the reducer's own: models whose
-                schedule decides how many tokens each step keeps pass it.
+                schedule decides how many tokens each step keeps pass it. Required when the reducer was
+                built without a budget.
 
         Returns:
             The `Reduction`: ``K = min(N, budget)`` tokens per set, in the dtype and on the device of
             ``tokens``.
 
         Raises:
-            ValueError: On malformed inputs (wrong rank or shape, empty, NaN or inf), with what to change.
-            BudgetError: If some row has more protected tokens than the budget.
+            InvalidInputError: On malformed inputs (wrong rank or shape, empty, NaN or inf), with what to change.
+            BudgetError: If some row has more protected tokens than the budget, or there is no budget at all.
         """
         protected_mask = self._check_inputs(tokens, scores, protected, sizes)
         num_tokens = tokens.shape[1]
-        if num_keep is None:
+        if num_keep is not None:
+            num_keep = Budget(num_keep=num_keep).resolve(num_tokens)
+        elif self.budget is not None:
             num_keep = self.budget.resolve(num_tokens)
         else:
-            num_keep = Budget(num_keep=num_keep).resolve(num_tokens)
+            raise BudgetError(
+                f"{type(self).__name__} was built without a budget; give it one (num_keep=..., keep_ratio=... or "
+                "num_remove=...) or pass num_keep= to this call"
+            )
         if protected is not None:
             most_protected = int(protected_mask.sum(dim=1).max())
             if most_protected > num_keep:
@@ -122,7 +153,7 @@ class Reducer(abc.ABC):
             return Reduction.identity(tokens, sizes)
         reduction = self.reduce(tokens, num_keep, scores=scores, protected=protected_mask, sizes=sizes)
         if reduction.tokens.shape != (tokens.shape[0], num_keep, tokens.shape[2]):
-            raise RuntimeError(
+            raise ReducerContractError(
                 f"{type(self).__name__}.reduce returned tokens of shape "
                 f"{tuple(reduction.tokens.shape)}; expected {(tokens.shape[0], num_keep, tokens.shape[2])}"
             )
@@ -146,7 +177,7 @@ class Reducer(abc.ABC):
         Args:
             tokens: Tokens of shape ``(B, N, C)``.
             num_keep: ``K``, with ``max protected per row <= K < N``.
-            scores: Importance ``(B, N)`` or None (only when ``accepts_scores``).
+            scores: Importance ``(B, N)``, or None when ``needs_scores`` is None.
             protected: Bool mask ``(B, N)``; all False when the caller protected nothing.
             sizes: Sizes ``(B, N)`` or None.
 
@@ -162,7 +193,8 @@ class Reducer(abc.ABC):
             for name, param in params.items()
             if name not in ("self", *_BUDGET_FIELDS) and param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
         }
-        return {**self.budget.as_dict(), **own}
+        budget = dict.fromkeys(_BUDGET_FIELDS) if self.budget is None else self.budget.as_dict()
+        return {**budget, **own}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if v is not None)
@@ -177,39 +209,44 @@ class Reducer(abc.ABC):
     ) -> torch.Tensor:
         """Validate the call's inputs; return the protected mask (all False when none was given)."""
         if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of shape (B, N, C); got {type(tokens).__name__}")
+            raise InvalidTypeError(f"tokens must be a torch.Tensor of shape (B, N, C); got {type(tokens).__name__}")
         if tokens.dim() != 3:
             hint = " Add a batch dimension with tokens.unsqueeze(0)." if tokens.dim() == 2 else ""
-            raise ValueError(f"tokens must have shape (B, N, C); got shape {tuple(tokens.shape)}.{hint}")
+            raise InvalidInputError(f"tokens must have shape (B, N, C); got shape {tuple(tokens.shape)}.{hint}")
         if not tokens.is_floating_point():
-            raise TypeError(f"tokens must be a floating-point tensor; got dtype {tokens.dtype}")
+            raise InvalidTypeError(f"tokens must be a floating-point tensor; got dtype {tokens.dtype}")
         batch, num_tokens, channels = tokens.shape
         if batch == 0 or num_tokens == 0 or channels == 0:
-            raise ValueError(f"tokens must not be empty; got shape {tuple(tokens.shape)}")
+            raise InvalidInputError(f"tokens must not be empty; got shape {tuple(tokens.shape)}")
         if not _all_finite(tokens):
-            raise ValueError(
+            raise InvalidInputError(
                 "tokens contain NaN or inf; check the model's outputs (an fp16 overflow is a common "
                 "cause) before reducing"
             )
         expected = (batch, num_tokens)
         if scores is not None:
-            if not self.accepts_scores:
-                raise ValueError(f"{type(self).__name__} does not use external scores; do not pass scores to it")
+            if self.needs_scores is None:
+                raise InvalidInputError(
+                    f"{type(self).__name__} ranks tokens by their features alone; do not pass scores to it"
+                )
             _check_per_token("scores", scores, expected)
             if not _all_finite(scores):
-                raise ValueError("scores contain NaN or inf")
-        elif self.requires_scores:
-            raise ValueError(f"{type(self).__name__} needs scores of shape (B, N) = {expected}; pass scores=...")
+                raise InvalidInputError("scores contain NaN or inf")
+        elif self.needs_scores is not None:
+            raise InvalidInputError(
+                f"{type(self).__name__} needs scores of shape (B, N) = {expected} ({self.needs_scores!r} scores); "
+                "pass scores=..."
+            )
         if protected is not None:
             _check_per_token("protected", protected, expected)
             if protected.dtype != torch.bool:
-                raise TypeError(f"protected must be a bool tensor; got {protected.dtype}")
+                raise InvalidTypeError(f"protected must be a bool tensor; got {protected.dtype}")
             if protected.device != tokens.device:
-                raise ValueError(f"protected is on {protected.device} but tokens are on {tokens.device}")
+                raise InvalidInputError(f"protected is on {protected.device} but tokens are on {tokens.device}")
         if sizes is not None:
             _check_per_token("sizes", sizes, expected)
             if not bool((torch.isfinite(sizes) & (sizes > 0)).all()):
-                raise ValueError("sizes must be finite and positive")
+                raise InvalidInputError("sizes must be finite and positive")
         if protected is None:
             return torch.zeros(expected, dtype=torch.bool, device=tokens.device)
         return protected
@@ -218,7 +255,7 @@ class Reducer(abc.ABC):
 def _check_per_token(name: str, value: object, expected: tuple[int, int]) -> None:
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{name} must have shape (B, N) = {expected}; got {got}")
+        raise InvalidInputError(f"{name} must have shape (B, N) = {expected}; got {got}")
 
 
 def _all_finite(x: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from tokred.core.errors import InvalidInputError, InvalidTypeError
 from tokred.core.ops.merge import assign_to_nearest, merge_weights, scatter_merge
 from tokred.core.ops.selection import gather_tokens
 
@@ -57,12 +58,12 @@ class Reduction:
     def __post_init__(self) -> None:
         b, k = self.indices.shape
         if self.tokens.shape[:2] != (b, k) or self.sizes.shape != (b, k):
-            raise ValueError(
+            raise InvalidInputError(
                 f"inconsistent Reduction: tokens {tuple(self.tokens.shape)}, indices {(b, k)}, "
                 f"sizes {tuple(self.sizes.shape)}"
             )
         if self.assignment.shape != self.weights.shape or self.assignment.shape[0] != b:
-            raise ValueError(
+            raise InvalidInputError(
                 f"inconsistent Reduction: assignment {tuple(self.assignment.shape)}, weights "
                 f"{tuple(self.weights.shape)}, batch {b}"
             )
@@ -106,18 +107,18 @@ class Reduction:
             Tensor of shape ``(B, K, *)``.
         """
         if x.dim() < 2 or tuple(x.shape[:2]) != tuple(self.assignment.shape):
-            raise ValueError(
+            raise InvalidInputError(
                 f"x must have shape (B, N, ...) with (B, N) = {tuple(self.assignment.shape)}; got {tuple(x.shape)}"
             )
         if how == "select":
             return gather_tokens(x, self.indices)
         if how == "merge":
             if not x.is_floating_point():
-                raise TypeError(
+                raise InvalidTypeError(
                     f"how='merge' needs a floating tensor; got {x.dtype}. Use how='select' for positions, ids and masks"
                 )
             return scatter_merge(x, self.assignment, self.num_kept, self.weights)
-        raise ValueError(f"how must be 'merge' or 'select'; got {how!r}")
+        raise InvalidInputError(f"how must be 'merge' or 'select'; got {how!r}")
 
     def compose(self, then: Reduction) -> Reduction:
         """Chain this reduction with one applied to its output, giving one plan from the original tokens.
@@ -133,7 +134,7 @@ class Reduction:
             A `Reduction` from the ``N`` original tokens to ``then``'s slots, with ``then``'s tokens.
         """
         if then.num_tokens != self.num_kept or then.assignment.shape[0] != self.assignment.shape[0]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"cannot compose: this reduction yields {self.num_kept} tokens but the next expects {then.num_tokens}"
             )
         mid = self.assignment.clamp_min(0)
@@ -188,11 +189,11 @@ class Reduction:
         slot_of.scatter_(1, kept, torch.arange(num_kept, device=device).expand(batch, num_kept))
         assignment = torch.where(targets >= 0, slot_of.gather(1, targets.clamp_min(0)), -1)
         if bool((slot_of.gather(1, kept) != torch.arange(num_kept, device=device)).any()):
-            raise ValueError("kept positions must be distinct")
+            raise InvalidInputError("kept positions must be distinct")
         if bool(((targets >= 0) & (assignment < 0)).any()):
-            raise ValueError("every target must be a kept position")
+            raise InvalidInputError("every target must be a kept position")
         if bool((assignment.gather(1, kept) != torch.arange(num_kept, device=device)).any()):
-            raise ValueError("kept tokens must target themselves")
+            raise InvalidInputError("kept tokens must target themselves")
         weights, slot_sizes = merge_weights(assignment, num_kept, sizes)
         merged = scatter_merge(tokens, assignment, num_kept, weights)
         return cls(merged, kept, slot_sizes.float(), assignment, weights.float())
@@ -247,7 +248,7 @@ class Reduction:
         if allowed is None:
             allowed = torch.ones((batch, num_kept), dtype=torch.bool, device=device)
         elif allowed.shape != (batch, num_kept) or allowed.dtype != torch.bool:
-            raise ValueError(f"allowed must be a bool tensor of shape {(batch, num_kept)}")
+            raise InvalidInputError(f"allowed must be a bool tensor of shape {(batch, num_kept)}")
         can_merge = allowed.any(dim=1, keepdim=True)  # (B, 1)
         # A row without any allowed slot gets all slots allowed for the argmax, then its merges are dropped.
         nearest = assign_to_nearest(tokens, gather_tokens(tokens, kept), target_mask=allowed | ~can_merge)

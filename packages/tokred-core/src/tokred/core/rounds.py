@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokred.core.ops.selection import mask_to_indices
 from tokred.core.reduction import Reduction
 
 __all__ = ["MergeRounds"]
@@ -79,6 +80,5 @@ class MergeRounds:
 
     def finish(self, num_keep: int) -> Reduction:
         """The `Reduction` from the original tokens to the ``num_keep`` alive ones (every row must be there)."""
-        batch = self.alive.shape[0]
-        kept = torch.nonzero(self.alive)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
+        kept = mask_to_indices(self.alive, num_keep)
         return Reduction.from_targets(self.tokens, kept, self.owner, self.sizes)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from tokred.core.cli.main import set_command
+from tokred.core.cli.tables import format_table
+
 __all__ = ["register", "run"]
 
 
@@ -16,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List every reducer registered by the installed tokred packages and plug-ins.",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.set_defaults(func=run)
+    set_command(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,11 +30,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([info.__dict__ for info in infos], indent=2))
     else:
-        width = max((len(info.name) for info in infos), default=4)
-        dist_width = max((len(info.distribution or "-") for info in infos), default=7)
-        print(f"{'name':<{width}}  {'package':<{dist_width}}  description")
-        for info in infos:
-            print(f"{info.name:<{width}}  {info.distribution or '-':<{dist_width}}  {info.summary}")
+        rows = [[info.name, info.distribution or "-", info.summary] for info in infos]
+        print(format_table(["name", "package", "description"], rows), end="")
         for info in infos:
             if info.error:
                 print(f"\nerror: {info.error}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tokred.core.ops._checks import check_float, check_rank, compute_dtype
+from tokred.core.errors import InvalidInputError
+from tokred.core.ops._checks import check_float, check_rank
+from tokred.core.ops.precision import compute_dtype
 
 __all__ = ["projection_residual", "ridge_least_squares"]
 
@@ -40,11 +42,11 @@ def ridge_least_squares(basis: torch.Tensor, targets: torch.Tensor, ridge: float
     check_float("basis", basis)
     check_float("targets", targets)
     if basis.shape[0] != targets.shape[0] or basis.shape[2] != targets.shape[2]:
-        raise ValueError(
+        raise InvalidInputError(
             f"basis and targets must share B and C; got shapes {tuple(basis.shape)} and {tuple(targets.shape)}"
         )
     if not ridge >= 0.0:
-        raise ValueError(f"ridge must be >= 0; got {ridge}")
+        raise InvalidInputError(f"ridge must be >= 0; got {ridge}")
     dtype = compute_dtype(basis)
     s = basis.to(dtype)
     x = targets.to(dtype)

@@ -1,4 +1,4 @@
-"""Bipartite soft matching (ToMe), generalised to protected tokens."""
+"""Bipartite soft matching (ToMe), generalised to protected tokens and to any split into sources and destinations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from tokred.core.errors import InvalidInputError
 from tokred.core.ops._checks import check_float, check_rank
 from tokred.core.ops.similarity import cosine_similarity
 
@@ -16,7 +17,7 @@ _NO_DESTINATION = -2.0
 
 
 class BipartiteMatch(NamedTuple):
-    """The pairs chosen by :func:`bipartite_soft_matching`, as token positions.
+    """The pairs chosen by [`bipartite_soft_matching`][tokred.core.ops.bipartite_soft_matching], as token positions.
 
     Attributes:
         sources: Long tensor ``(B, R)`` with ``R = max r``: the tokens that disappear, by descending
@@ -33,25 +34,32 @@ class BipartiteMatch(NamedTuple):
 
 
 def bipartite_soft_matching(
-    tokens: torch.Tensor, r: int | torch.Tensor, *, protected: torch.Tensor | None = None
+    tokens: torch.Tensor,
+    r: int | torch.Tensor,
+    *,
+    protected: torch.Tensor | None = None,
+    sources: torch.Tensor | None = None,
 ) -> BipartiteMatch:
     """ToMe's bipartite soft matching: pick the ``r`` most redundant tokens and the token each merges into.
 
-    The unprotected tokens of each row are split alternately, by their order, into a source set A (1st, 3rd,
-    …) and a destination set B (2nd, 4th, …). Every A token finds its most cosine-similar B token, and the ``r``
-    A tokens with the highest such similarity are chosen. Protected tokens are neither sources nor
-    destinations, so they come through untouched (pass already-removed tokens as protected too). A row whose
-    unprotected tokens cannot fill both sets (a single unprotected token) drops that token with destination
-    ``-1``.
+    The unprotected tokens of each row are split into a source set A and a destination set B: alternately by
+    their order (1st, 3rd, … in A; 2nd, 4th, … in B) as ToMe does, or as ``sources`` says (UTR puts the less
+    important half in A). Every A token finds its most cosine-similar B token, and the ``r`` A tokens with the
+    highest such similarity are chosen. Protected tokens are neither sources nor destinations, so they come
+    through untouched (pass already-removed tokens as protected too). A row without destinations (a single
+    unprotected token, or every unprotected token a source) drops its chosen sources with destination ``-1``.
 
     Args:
         tokens: Tokens of shape ``(B, N, C)`` (ToMe uses attention keys; any features work).
-        r: Tokens to remove: one int for every row or a long tensor ``(B,)``, with ``0 <= r_b <= ceil(U_b / 2)``
-            where ``U_b`` counts the unprotected tokens of row ``b``.
+        r: Tokens to remove: one int for every row or a long tensor ``(B,)``, with ``0 <= r_b <= |A_b|``, the
+            size of row ``b``'s source set (``ceil(U_b / 2)`` for the alternate split of ``U_b`` unprotected
+            tokens).
         protected: Optional bool mask of shape ``(B, N)``.
+        sources: Optional bool mask of shape ``(B, N)``: the unprotected tokens that form A; every other
+            unprotected token is in B. The alternate split when omitted.
 
     Returns:
-        A :class:`BipartiteMatch`.
+        A [`BipartiteMatch`][tokred.core.ops.BipartiteMatch].
 
     Example:
         >>> import torch
@@ -68,20 +76,24 @@ def bipartite_soft_matching(
     if protected is None:
         protected = torch.zeros((batch, num_tokens), dtype=torch.bool, device=device)
     elif protected.shape != (batch, num_tokens) or protected.dtype != torch.bool:
-        raise ValueError(f"protected must be a bool tensor of shape {(batch, num_tokens)}")
+        raise InvalidInputError(f"protected must be a bool tensor of shape {(batch, num_tokens)}")
     free = ~protected
-    num_src = (free.sum(dim=1) + 1) // 2  # size of A per row
+    if sources is None:
+        order_in_row = free.long().cumsum(dim=1) - 1  # order among the unprotected tokens of the row
+        is_src = free & (order_in_row % 2 == 0)
+    elif sources.shape != (batch, num_tokens) or sources.dtype != torch.bool:
+        raise InvalidInputError(f"sources must be a bool tensor of shape {(batch, num_tokens)}")
+    else:
+        is_src = free & sources
+    is_dst = free & ~is_src
+    num_src = is_src.sum(dim=1)  # size of A per row
     per_row = torch.as_tensor(r, dtype=torch.long, device=device).expand(batch)
     if bool(((per_row < 0) | (per_row > num_src)).any()):
-        raise ValueError(
-            f"r must lie between 0 and half the unprotected tokens of its row "
-            f"({num_src.tolist()}); got {per_row.tolist()}"
+        raise InvalidInputError(
+            f"r must lie between 0 and the number of sources of its row ({num_src.tolist()}); got {per_row.tolist()}"
         )
     max_r = int(per_row.max()) if batch else 0
 
-    rank = free.long().cumsum(dim=1) - 1  # order among the unprotected tokens of the row
-    is_src = free & (rank % 2 == 0)
-    is_dst = free & (rank % 2 == 1)
     sim = cosine_similarity(tokens)  # (B, N, N)
     sim = sim.masked_fill(~(is_src.unsqueeze(2) & is_dst.unsqueeze(1)), float("-inf"))
     best_sim, best_dst = sim.max(dim=2)  # (B, N)

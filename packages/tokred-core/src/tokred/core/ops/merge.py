@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tokred.core.ops._checks import check_float, check_rank, compute_dtype
+from tokred.core.errors import InvalidInputError, InvalidTypeError
+from tokred.core.ops._checks import check_float, check_rank
+from tokred.core.ops.precision import compute_dtype
 from tokred.core.ops.similarity import cosine_similarity
 
 __all__ = ["assign_to_nearest", "merge_weights", "scatter_merge"]
@@ -13,9 +15,9 @@ __all__ = ["assign_to_nearest", "merge_weights", "scatter_merge"]
 def _check_assignment(assignment: torch.Tensor, num_slots: int) -> None:
     check_rank("assignment", assignment, 2, "(B, N)")
     if assignment.dtype != torch.long:
-        raise TypeError(f"assignment must be a long tensor; got {assignment.dtype}")
+        raise InvalidTypeError(f"assignment must be a long tensor; got {assignment.dtype}")
     if assignment.numel() and (int(assignment.min()) < -1 or int(assignment.max()) >= num_slots):
-        raise ValueError(
+        raise InvalidInputError(
             f"assignment values must lie in [-1, {num_slots}); got range "
             f"[{int(assignment.min())}, {int(assignment.max())}]"
         )
@@ -41,12 +43,12 @@ def merge_weights(
     """
     _check_assignment(assignment, num_slots)
     batch, num_tokens = assignment.shape
-    dtype = torch.float64 if sizes is not None and sizes.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(sizes)
     if sizes is None:
         token_sizes = torch.ones((batch, num_tokens), dtype=dtype, device=assignment.device)
     else:
         if sizes.shape != assignment.shape:
-            raise ValueError(f"sizes must have shape {tuple(assignment.shape)}; got {tuple(sizes.shape)}")
+            raise InvalidInputError(f"sizes must have shape {tuple(assignment.shape)}; got {tuple(sizes.shape)}")
         token_sizes = sizes.to(dtype)
     kept = assignment >= 0
     token_sizes = token_sizes * kept
@@ -91,13 +93,15 @@ def scatter_merge(
     check_float("x", x)
     _check_assignment(assignment, num_slots)
     if x.shape[:2] != assignment.shape:
-        raise ValueError(f"x must have shape (B, N, ...) = {tuple(assignment.shape)} + (...); got {tuple(x.shape)}")
+        raise InvalidInputError(
+            f"x must have shape (B, N, ...) = {tuple(assignment.shape)} + (...); got {tuple(x.shape)}"
+        )
     dtype = compute_dtype(x)
     batch, num_tokens = assignment.shape
     flat = x.to(dtype).reshape(batch, num_tokens, -1)  # (B, N, D)
     if weights is not None:
         if weights.shape != assignment.shape:
-            raise ValueError(f"weights must have shape {tuple(assignment.shape)}; got {tuple(weights.shape)}")
+            raise InvalidInputError(f"weights must have shape {tuple(assignment.shape)}; got {tuple(weights.shape)}")
         flat = flat * weights.to(dtype).unsqueeze(-1)
     target = torch.where(assignment >= 0, assignment, num_slots)
     out = torch.zeros((batch, num_slots + 1, flat.shape[-1]), dtype=dtype, device=x.device)
@@ -126,12 +130,12 @@ def assign_to_nearest(
     check_rank("targets", targets, 3, "(B, T, C)")
     check_float("sources", sources)
     if targets.shape[1] == 0:
-        raise ValueError("targets must contain at least one token")
+        raise InvalidInputError("targets must contain at least one token")
     sim = cosine_similarity(sources, targets.to(sources.dtype))  # (B, S, T)
     if target_mask is not None:
         if target_mask.shape != (targets.shape[0], targets.shape[1]) or target_mask.dtype != torch.bool:
-            raise ValueError(f"target_mask must be a bool tensor of shape {tuple(targets.shape[:2])}")
+            raise InvalidInputError(f"target_mask must be a bool tensor of shape {tuple(targets.shape[:2])}")
         if not bool(target_mask.any(dim=1).all()):
-            raise ValueError("target_mask leaves a row without any allowed target")
+            raise InvalidInputError("target_mask leaves a row without any allowed target")
         sim = sim.masked_fill(~target_mask.unsqueeze(1), float("-inf"))
     return sim.argmax(dim=-1)

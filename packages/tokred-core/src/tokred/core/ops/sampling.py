@@ -6,7 +6,9 @@ from typing import Literal
 
 import torch
 
-from tokred.core.ops._checks import check_float, check_rank, compute_dtype
+from tokred.core.errors import InvalidInputError
+from tokred.core.ops._checks import check_float, check_rank
+from tokred.core.ops.precision import compute_dtype
 
 __all__ = ["farthest_point_sampling"]
 
@@ -53,27 +55,27 @@ def farthest_point_sampling(
     if valid is not None:
         check_rank("valid", valid, 2, "(B, N)")
         if valid.shape != (batch, num_points) or valid.dtype != torch.bool:
-            raise ValueError(
+            raise InvalidInputError(
                 f"valid must be a bool tensor of shape {(batch, num_points)}; got {valid.dtype} {tuple(valid.shape)}"
             )
     if not 1 <= num_samples <= num_points:
-        raise ValueError(f"num_samples must be between 1 and N={num_points}; got {num_samples}")
+        raise InvalidInputError(f"num_samples must be between 1 and N={num_points}; got {num_samples}")
     if metric not in ("euclidean", "cosine", "precomputed"):
-        raise ValueError(f"metric must be 'euclidean', 'cosine' or 'precomputed'; got {metric!r}")
+        raise InvalidInputError(f"metric must be 'euclidean', 'cosine' or 'precomputed'; got {metric!r}")
     if metric == "precomputed" and points.shape[2] != num_points:
-        raise ValueError(f"precomputed distances must have shape (B, N, N); got {tuple(points.shape)}")
+        raise InvalidInputError(f"precomputed distances must have shape (B, N, N); got {tuple(points.shape)}")
 
     rows = torch.arange(batch, device=device)
     if isinstance(start, torch.Tensor):
         if start.shape != (batch,):
-            raise ValueError(f"start must be an int or a tensor of shape ({batch},); got {tuple(start.shape)}")
+            raise InvalidInputError(f"start must be an int or a tensor of shape ({batch},); got {tuple(start.shape)}")
         current = start.to(device=device, dtype=torch.long)
     else:
         current = torch.full((batch,), int(start), dtype=torch.long, device=device)
     if bool(((current < 0) | (current >= num_points)).any()):
-        raise ValueError(f"start must index a point in [0, {num_points}); got {start}")
+        raise InvalidInputError(f"start must index a point in [0, {num_points}); got {start}")
     if valid is not None and not bool(valid[rows, current].all()):
-        raise ValueError("start must be a valid point in every row")
+        raise InvalidInputError("start must be a valid point in every row")
 
     feats = points.to(compute_dtype(points))
     if metric == "cosine":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tokred.core.ops._checks import check_float, check_rank, compute_dtype
+from tokred.core.errors import InvalidInputError
+from tokred.core.ops._checks import check_float, check_rank
+from tokred.core.ops.precision import compute_dtype
 
 __all__ = ["cosine_similarity"]
 
@@ -37,7 +39,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, eps: fl
     b = a if b is None else b
     check_rank("b", b, 3, "(B, M, C)")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
-        raise ValueError(f"a and b must share B and C; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InvalidInputError(f"a and b must share B and C; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     dtype = compute_dtype(a)
     a32 = a.to(dtype)
     a_unit = a32 / a32.norm(dim=-1, keepdim=True).clamp_min(eps)

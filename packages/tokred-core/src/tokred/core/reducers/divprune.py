@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokred.core.ops.sampling import farthest_point_sampling
+from tokred.core.ops.selection import mask_to_indices
 from tokred.core.ops.similarity import cosine_similarity
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
@@ -52,12 +53,12 @@ class DivPruneReducer(Reducer):
         start = nearest.masked_fill(~free, float("-inf")).argmax(dim=1)  # the most isolated free token
         max_pick = int(num_pick.max())
         if max_pick == 0:
-            return Reduction.from_selection(tokens, torch.nonzero(protected)[:, 1].reshape(batch, num_keep), sizes)
+            return Reduction.from_selection(tokens, mask_to_indices(protected, num_keep), sizes)
         picks = farthest_point_sampling(distance, max_pick, start=start, metric="precomputed", valid=free)  # (B, M)
         # Rows with more protected tokens need fewer picks: keep each row's first num_pick.
         wanted = torch.arange(max_pick, device=tokens.device).unsqueeze(0) < num_pick.unsqueeze(1)
         hits = torch.zeros((batch, num_tokens), dtype=torch.int32, device=tokens.device)
         hits.scatter_add_(1, picks.clamp_min(0), (wanted & (picks >= 0)).to(torch.int32))
         keep = protected | (hits > 0)
-        kept = torch.nonzero(keep)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
+        kept = mask_to_indices(keep, num_keep)
         return Reduction.from_selection(tokens, kept, sizes)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokred.core.budget import BudgetKwargs
+from tokred.core.ops.random import make_generator, uniform_noise
 from tokred.core.reducer import Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
@@ -26,7 +27,7 @@ class RandomReducer(Reducer):
     advances the generator, so successive images get different subsets.
 
     Args:
-        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
+        **budget: At most one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see [`Budget`][tokred.core.Budget]).
         seed: Seed of the reducer's generator; None draws from PyTorch's global generator.
     """
 
@@ -35,7 +36,7 @@ class RandomReducer(Reducer):
     def __init__(self, *, seed: int | None = None, **budget: Unpack[BudgetKwargs]) -> None:
         super().__init__(**budget)
         self.seed = seed
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self._generator = make_generator(seed)
 
     def reduce(
         self,
@@ -47,5 +48,5 @@ class RandomReducer(Reducer):
         sizes: torch.Tensor | None,
     ) -> Reduction:
         """Keep a random subset drawn from the reducer's generator."""
-        noise = torch.rand(tokens.shape[:2], generator=self._generator).to(tokens.device)  # (B, N)
+        noise = uniform_noise(tokens.shape[:2], generator=self._generator, device=tokens.device)  # (B, N)
         return Reduction.from_selection(tokens, select_top(noise, num_keep, protected), sizes)

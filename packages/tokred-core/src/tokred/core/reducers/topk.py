@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokred.core.budget import BudgetKwargs
-from tokred.core.reducer import Reducer, select_top
+from tokred.core.reducer import CALLER_SCORES, Reducer, select_top
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
 
@@ -26,13 +26,12 @@ class TopKReducer(Reducer):
     into their most similar kept token. Ties go to the lower position.
 
     Args:
-        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
+        **budget: At most one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see [`Budget`][tokred.core.Budget]).
         merge: Merge every dropped token into its most cosine-similar kept (unprotected) token instead of
             discarding it.
     """
 
-    accepts_scores = True
-    requires_scores = True
+    needs_scores = CALLER_SCORES
 
     def __init__(self, *, merge: bool = False, **budget: Unpack[BudgetKwargs]) -> None:
         super().__init__(**budget)
@@ -48,7 +47,7 @@ class TopKReducer(Reducer):
         sizes: torch.Tensor | None,
     ) -> Reduction:
         """Select the best-scored tokens; merge or drop the rest."""
-        assert scores is not None  # requires_scores: the base class has checked
+        assert scores is not None  # needs_scores: the base class has checked
         kept = select_top(scores, num_keep, protected)
         if not self.merge:
             return Reduction.from_selection(tokens, kept, sizes)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokred.core.budget import BudgetKwargs
+from tokred.core.ops.selection import mask_to_indices
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.core.registry import register_reducer
@@ -27,7 +28,7 @@ class UniformReducer(Reducer):
     (ties to the earlier one), which for a raster-ordered image is 1-D pooling.
 
     Args:
-        **budget: Exactly one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see `Budget`).
+        **budget: At most one of ``num_keep``, ``keep_ratio``, ``num_remove`` (see [`Budget`][tokred.core.Budget]).
         merge: Pool dropped tokens into the nearest kept token instead of discarding them.
     """
 
@@ -59,7 +60,7 @@ class UniformReducer(Reducer):
         hits = torch.zeros((batch, num_tokens), dtype=torch.int32, device=device)
         hits.scatter_add_(1, picked, wanted.to(torch.int32))
         keep = protected | (hits > 0)
-        kept = torch.nonzero(keep)[:, 1].reshape(batch, num_keep)  # row-major, so ascending per row
+        kept = mask_to_indices(keep, num_keep)
         if not self.merge:
             return Reduction.from_selection(tokens, kept, sizes)
         # Nearest kept unprotected position by |i - j|; argmin takes the earlier one on ties.

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from tokred.core.errors import BudgetError
+from tokred.core.errors import BudgetError, InvalidInputError, InvalidTypeError
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.core.registry import available_reducers, create_reducer, get_reducer_class
@@ -97,7 +97,7 @@ class ReducerConformance:
     def make_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
         """Extra call arguments for ``tokens``: external scores when the reducer uses them."""
         cls = get_reducer_class(self.reducer_name)
-        if cls.accepts_scores:
+        if cls.needs_scores is not None:
             gen = torch.Generator().manual_seed(7)
             return {"scores": torch.rand(tokens.shape[:2], generator=gen).to(tokens.device)}
         return {}
@@ -338,17 +338,17 @@ class ReducerConformance:
     @pytest.mark.parametrize(
         ("make_bad", "error", "match"),
         [
-            (lambda t: t[0], ValueError, r"shape \(B, N, C\)"),
-            (lambda t: t[:, :0], ValueError, "empty"),
+            (lambda t: t[0], InvalidInputError, r"shape \(B, N, C\)"),
+            (lambda t: t[:, :0], InvalidInputError, "empty"),
             (
                 lambda t: t.masked_fill(
                     torch.zeros_like(t, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True), float("nan")
                 ),
-                ValueError,
+                InvalidInputError,
                 "NaN",
             ),
-            (lambda t: t.clone().index_fill_(2, torch.tensor([1]), float("inf")), ValueError, "inf"),
-            (lambda t: t.long(), TypeError, "floating"),
+            (lambda t: t.clone().index_fill_(2, torch.tensor([1]), float("inf")), InvalidInputError, "inf"),
+            (lambda t: t.long(), InvalidTypeError, "floating"),
         ],
         ids=["2d", "empty", "nan", "inf", "integer"],
     )
@@ -360,20 +360,23 @@ class ReducerConformance:
     def test_bad_protected_is_rejected(self) -> None:
         """A protected mask of the wrong shape or dtype raises a clear error."""
         tokens = self.tokens()
-        with pytest.raises(ValueError, match="protected must have shape"):
+        with pytest.raises(InvalidInputError, match="protected must have shape"):
             self.run(tokens, num_keep=4, protected=torch.zeros(self.batch_size, 5, dtype=torch.bool))
-        with pytest.raises(TypeError, match="bool"):
+        with pytest.raises(InvalidTypeError, match="bool"):
             self.run(tokens, num_keep=4, protected=torch.zeros(self.batch_size, self.num_tokens))
 
     def test_bad_scores_are_rejected(self) -> None:
         """Scores of the wrong shape, or scores the reducer would ignore, raise a clear error."""
         tokens = self.tokens()
         cls = get_reducer_class(self.reducer_name)
-        if cls.accepts_scores:
-            with pytest.raises(ValueError, match="scores must have shape"):
+        if cls.needs_scores is not None:
+            with pytest.raises(InvalidInputError, match="scores must have shape"):
                 self.run(tokens, num_keep=4, scores=torch.zeros(self.batch_size, 3))
+            reducer = self.make_reducer(num_keep=4)
+            with pytest.raises(InvalidInputError, match="needs scores"):
+                reducer(tokens)
         else:
-            with pytest.raises(ValueError, match="does not use external scores"):
+            with pytest.raises(InvalidInputError, match="features alone"):
                 self.run(tokens, num_keep=4, scores=torch.zeros(self.batch_size, self.num_tokens))
 
     @pytest.mark.parametrize(
@@ -384,12 +387,25 @@ class ReducerConformance:
             {"keep_ratio": 0.0},
             {"keep_ratio": 1.5},
             {"num_remove": -1},
-            {},
             {"num_keep": 4, "keep_ratio": 0.5},
         ],
-        ids=["zero", "negative", "ratio0", "ratio>1", "remove<0", "neither", "both"],
+        ids=["zero", "negative", "ratio0", "ratio>1", "remove<0", "both"],
     )
     def test_bad_budget_is_rejected(self, budget: dict[str, Any]) -> None:
         """Invalid budgets raise `BudgetError` at construction."""
         with pytest.raises(BudgetError):
             create_reducer(self.reducer_name, **{**self.reducer_kwargs, **budget})
+
+    def test_without_a_budget_the_call_gives_the_count(self) -> None:
+        """Built without a budget (for a model's schedule), it keeps the per-call ``num_keep`` and refuses none."""
+        tokens = self.tokens()
+        unbudgeted = create_reducer(self.reducer_name, **self.reducer_kwargs)
+        assert unbudgeted.budget is None
+        with pytest.raises(BudgetError, match="without a budget"):
+            unbudgeted(tokens, **self.make_inputs(tokens))
+        reduced = unbudgeted(tokens, num_keep=5, **self.make_inputs(tokens))
+        self.check_plan(tokens, reduced, 5)
+        budgeted = self.make_reducer(num_keep=5)(tokens, **self.make_inputs(tokens))
+        if not get_reducer_class(self.reducer_name).stochastic or "seed" in self.reducer_kwargs:
+            torch.testing.assert_close(reduced.tokens, budgeted.tokens)
+            assert torch.equal(reduced.indices, budgeted.indices)
