@@ -5,8 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tokred.core.errors import BudgetError, InvalidInputError
 from tokred.mamba.flops import block_flops, count_flops, token_counts
-from tokred.mamba.reduction import default_reduce_after, solve_schedule
+from tokred.mamba.schedule import default_reduce_after, solve_schedule
 
 
 def vim_sizes(dim, depth=24, stride=16, img_size=224):
@@ -71,10 +72,12 @@ def test_flops_cut_solves_r_on_every_second_block(cut, r):
 
 def test_impossible_cuts_and_schedules_are_refused():
     model = vim_sizes(192)
-    with pytest.raises(ValueError, match="cannot be met"):
+    with pytest.raises(BudgetError, match="cannot be met"):
         solve_schedule(model, 0.9, after=[20])
-    with pytest.raises(ValueError, match=r"flops_cut must lie in \(0, 1\)"):
+    with pytest.raises(InvalidInputError, match=r"flops_cut must be a fraction in \(0, 1\)"):
         solve_schedule(model, 1.5)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        solve_schedule(model, 0.3, after=[99])
     with pytest.raises(ValueError, match="convention"):
         count_flops(model, convention="fvcore")
 

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from tokred.core import create_reducer
 from tokred.core.testing import make_tokens
-from tokred.mamba.methods import MTR, delta_importance
+from tokred.mamba import MTR, attach, create_model
+from tokred.mamba.layers import ScanDelta
+from tokred.mamba.scores import SUPPLIED_SCORES, delta_importance
 
 
 def test_mtr_groups_by_importance_and_merges_sources_into_nearest_target():
@@ -48,27 +50,33 @@ def test_mtr_never_merges_into_the_protected_class_token():
     assert torch.equal(red.tokens[0, slot], tokens[0, 15]) and red.sizes[0, slot] == 1
 
 
-class FakeMixer(torch.nn.Module):
-    def __init__(self, fwd, bwd):
-        super().__init__()
-        self.last_delta_fwd, self.last_delta_bwd = fwd, bwd
-
-
-class FakeBlock(torch.nn.Module):
-    def __init__(self, fwd, bwd):
-        super().__init__()
-        self.mixer = FakeMixer(fwd, bwd)
-
-
 def test_delta_importance_sums_directions_then_reduces_channels():
     fwd = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(2))  # (B, E, L)
     bwd = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(3))
-    block = FakeBlock(fwd, bwd)
-    torch.testing.assert_close(delta_importance(block), (fwd + bwd).mean(dim=1))
-    torch.testing.assert_close(delta_importance(block, directions="forward", channel_reduce="max"), fwd.amax(dim=1))
-    assert MTR(num_remove=1, directions="backward").scores_from_block(block).shape == (2, 5)
-    with pytest.raises(RuntimeError, match="record_delta"):
-        delta_importance(FakeBlock(None, None))
+    delta = ScanDelta(fwd, bwd)
+    torch.testing.assert_close(delta_importance(delta), (fwd + bwd).mean(dim=1))
+    torch.testing.assert_close(delta_importance(delta, directions="forward", channel_reduce="max"), fwd.amax(dim=1))
+    torch.testing.assert_close(delta_importance(delta, directions="backward"), bwd.mean(dim=1))
+    with pytest.raises(ValueError, match="directions"):
+        delta_importance(delta, directions="sideways")
+
+
+def test_mtr_declares_delta_and_asks_for_its_own_reduction_of_it():
+    assert MTR.needs_scores == "delta" and "delta" in SUPPLIED_SCORES
+    reducer = MTR(directions="backward", channel_reduce="max")
+    assert reducer.score_options() == {"directions": "backward", "channel_reduce": "max"}
+    assert reducer.budget is None, "MTR() needs no budget: a model's schedule sets it"
+
+
+def test_mtr_without_a_budget_runs_under_a_schedule():
+    model = create_model("vim_test").eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attach(model, MTR(), r=2) as by_instance:
+        first = model(x)
+    with torch.no_grad(), attach(model, "mtr", r=2) as by_name:
+        second = model(x)
+    assert torch.equal(first, second)
+    assert by_instance.last_stats.tokens == by_name.last_stats.tokens
 
 
 @pytest.mark.parametrize(

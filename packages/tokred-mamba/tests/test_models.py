@@ -172,33 +172,58 @@ def test_forward_is_deterministic_and_batch_independent(tiny):
     torch.testing.assert_close(first, alone, rtol=1e-5, atol=1e-6)
 
 
+class FunctionSlot:
+    """A minimal token-reduction slot for tests: ``step`` calls ``fn(index, hidden, residual, cls_pos, delta)``."""
+
+    def __init__(self, fn, wants_delta=lambda index: False):
+        self.fn, self._wants_delta = fn, wants_delta
+        self.begun = self.ended = 0
+
+    def begin(self, hidden, cls_pos):
+        self.begun += 1
+        return {"batch": hidden.shape[0]}
+
+    def wants_delta(self, index):
+        return self._wants_delta(index)
+
+    def step(self, state, index, hidden, residual, cls_pos, delta):
+        return self.fn(index, hidden, residual, cls_pos, delta)
+
+    def end(self, state):
+        self.ended += 1
+
+
 def test_identity_reduction_hook_sees_every_block_and_changes_nothing(tiny):
     x = inputs_for(tiny)
     calls = []
 
-    def hook(index, layer, hidden, residual, cls_pos):
-        calls.append((index, layer, hidden.shape, residual.dtype, cls_pos.tolist()))
+    def hook(index, hidden, residual, cls_pos, delta):
+        calls.append((index, hidden.shape, residual.dtype, cls_pos.tolist(), delta))
         return hidden, residual, cls_pos
 
+    slot = FunctionSlot(hook, wants_delta=lambda index: index == 1)
     with torch.inference_mode():
         dense = tiny(x)
-        tiny.token_reduction = hook
+        tiny.token_reduction = slot
         try:
             hooked = tiny(x)
         finally:
             tiny.token_reduction = None
-    assert torch.equal(dense, hooked)
+    assert torch.equal(dense, hooked), "handing over Δ must not change the block's output"
+    assert slot.begun == slot.ended == 1
     assert [c[0] for c in calls] == list(range(tiny.depth))
-    assert all(c[1] is tiny.layers[c[0]] for c in calls)
-    assert all(c[2] == (2, tiny.num_tokens, tiny.embed_dim) and c[3] == torch.float32 for c in calls)
-    assert all(c[4] == [tiny.cls_index] * 2 for c in calls)
+    assert all(c[1] == (2, tiny.num_tokens, tiny.embed_dim) and c[2] == torch.float32 for c in calls)
+    assert all(c[3] == [tiny.cls_index] * 2 for c in calls)
+    assert [c[4] is not None for c in calls] == [index == 1 for index in range(tiny.depth)], "Δ only where asked"
+    delta = calls[1][4]
+    assert delta.forward.shape == delta.backward.shape == (2, tiny.d_inner, tiny.num_tokens)
 
 
 def test_the_head_reads_the_class_token_where_cls_pos_says():
     model = create_model("vim_test").eval()
     x = inputs_for(model)
 
-    def drop_first_patch(index, layer, hidden, residual, cls_pos):
+    def drop_first_patch(index, hidden, residual, cls_pos, delta):
         if index != 0:
             return hidden, residual, cls_pos
         return hidden[:, 1:], residual[:, 1:], cls_pos - 1
@@ -210,7 +235,7 @@ def test_the_head_reads_the_class_token_where_cls_pos_says():
 
     handle = model.head.register_forward_hook(capture)
     with torch.inference_mode():
-        model.token_reduction = drop_first_patch
+        model.token_reduction = FunctionSlot(drop_first_patch)
         reduced = model(x)
         model.token_reduction = None
     handle.remove()
@@ -235,11 +260,11 @@ def test_half_precision_keeps_the_residual_stream_in_fp32():
     model = create_model("vim_test").eval().to(torch.bfloat16)
     dtypes = []
 
-    def hook(index, layer, hidden, residual, cls_pos):
+    def hook(index, hidden, residual, cls_pos, delta):
         dtypes.append((hidden.dtype, residual.dtype))
         return hidden, residual, cls_pos
 
-    model.token_reduction = hook
+    model.token_reduction = FunctionSlot(hook)
     with torch.inference_mode():
         logits = model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
@@ -409,35 +434,39 @@ def test_vim_halves_what_videomamba_sums():
         torch.testing.assert_close(video_mixer(hidden), 2 * vim_mixer(hidden))
 
 
-def test_recorded_delta_is_aligned_with_token_order():
+def test_returned_delta_is_aligned_with_token_order():
     mixer = randomized_mixer()
     hidden = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        mixer(hidden)
-        assert mixer.last_delta_fwd is None and mixer.last_delta_bwd is None, "nothing is stored by default"
-        mixer.record_delta = True
-        mixer(hidden)
+        plain = mixer(hidden)
+        out, delta = mixer(hidden, return_delta=True)
+    assert torch.equal(out, plain), "the Δ handed out is the one scanned: the output must not change"
     _, (delta_fwd, delta_bwd) = hand_mixer(mixer, hidden)
-    assert mixer.last_delta_fwd.shape == mixer.last_delta_bwd.shape == (2, mixer.d_inner, 9)
+    assert delta.forward.shape == delta.backward.shape == (2, mixer.d_inner, 9)
     # Position t of the backward Δ must be computed from token t's (anti-causal) neighbourhood.
-    torch.testing.assert_close(mixer.last_delta_fwd, delta_fwd, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mixer.last_delta_bwd, delta_bwd, rtol=1e-5, atol=1e-6)
-    assert (mixer.last_delta_bwd > 0).all() and not mixer.last_delta_bwd.requires_grad
+    torch.testing.assert_close(delta.forward, delta_fwd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta.backward, delta_bwd, rtol=1e-5, atol=1e-6)
+    assert (delta.backward > 0).all() and not delta.backward.requires_grad
     # A change to the last token reaches the forward Δ only at the last position, the backward Δ from
     # position L - d_conv on (its conv window looks right).
     bumped = hidden.clone()
     bumped[:, -1] += 1.0
     with torch.no_grad():
-        before_fwd, before_bwd = mixer.last_delta_fwd.clone(), mixer.last_delta_bwd.clone()
-        mixer(bumped)
-    changed_fwd = (mixer.last_delta_fwd - before_fwd).abs().amax(dim=(0, 1)) > 0
-    changed_bwd = (mixer.last_delta_bwd - before_bwd).abs().amax(dim=(0, 1)) > 0
+        _, bumped_delta = mixer(bumped, return_delta=True)
+    changed_fwd = (bumped_delta.forward - delta.forward).abs().amax(dim=(0, 1)) > 0
+    changed_bwd = (bumped_delta.backward - delta.backward).abs().amax(dim=(0, 1)) > 0
     assert changed_fwd.tolist() == [False] * 8 + [True]
     assert changed_bwd.tolist() == [False] * 5 + [True] * 4
-    mixer.record_delta = False
-    with torch.no_grad():
-        mixer(hidden)
-    assert mixer.last_delta_fwd is None and mixer.last_delta_bwd is None
+
+
+def test_returning_delta_keeps_gradients_of_the_output():
+    mixer = randomized_mixer()
+    hidden = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    plain = mixer(hidden)
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), hidden)
+    out, _ = mixer(hidden, return_delta=True)
+    (grad_delta,) = torch.autograd.grad(out.square().sum(), hidden)
+    torch.testing.assert_close(grad_delta, grad_plain, rtol=1e-5, atol=1e-6)
 
 
 def test_mixer_initialisation_follows_mamba():

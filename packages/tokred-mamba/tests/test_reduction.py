@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from tokred.core import create_reducer
-from tokred.mamba import attach, count_flops, create_model
+from tokred.core.errors import AttachError, BudgetError, IncompatibleReducerError, InvalidInputError, InvalidTypeError
+from tokred.mamba import MTR, ImagePlan, attach, count_flops, create_model
 from tokred.mamba.flops import token_counts
+from tokred.mamba.scores import delta_importance
 
 
 @pytest.fixture(scope="module")
@@ -23,46 +25,57 @@ def test_r_zero_is_bit_identical_to_the_dense_model(model):
     x = images(model)
     with torch.inference_mode():
         dense = model(x)
-        with attach(model, "mtr", schedule={i: 0 for i in range(model.depth - 1)}):
+        with attach(model, "mtr", schedule={i: 0 for i in range(model.depth - 1)}) as handle:
             same = model(x)
         after = model(x)
     assert torch.equal(dense, same)
     assert torch.equal(dense, after), "detach must restore the dense model exactly"
-    assert model.token_reduction is None
-    assert not any(layer.mixer.record_delta for layer in model.layers)
+    assert model.token_reduction is None and not handle.attached
+    assert handle.last_stats.tokens == (model.num_tokens,) * model.depth
+
+
+def test_instance_and_name_give_the_same_reduction(model):
+    x = images(model)
+    with torch.inference_mode():
+        with attach(model, "mtr", flops_cut=0.3) as by_name:
+            first = model(x)
+        with attach(model, MTR(), flops_cut=0.3) as by_instance:
+            second = model(x)
+    assert torch.equal(first, second)
+    assert by_name.schedule == by_instance.schedule and by_name.schedule
+    assert isinstance(by_name.reducer, MTR) and by_name.reducer.budget is None
 
 
 def test_token_counts_follow_the_schedule(model):
-    lengths = []
     schedule = {0: 3, 1: 2}
-    with attach(model, "mtr", schedule=schedule) as handle:
-        inner = handle.hook
-
-        def spy(index, block, hidden, residual, cls_pos):
-            lengths.append(hidden.shape[1])
-            return inner(index, block, hidden, residual, cls_pos)
-
-        model.token_reduction = spy
-        with torch.inference_mode():
-            model(images(model))
-        model.token_reduction = inner
-    expected = token_counts(model, schedule=schedule)
-    # The hook sees each block's output, i.e. the count entering that block.
-    assert lengths == expected
+    with attach(model, "mtr", schedule=schedule) as handle, torch.inference_mode():
+        model(images(model))
+    # What each block saw: the count entering that block.
+    assert list(handle.last_stats.tokens) == token_counts(model, schedule=schedule)
+    assert handle.last_stats.kept == model.num_tokens - 5 and handle.last_stats.batch == 3
     assert count_flops(model, schedule=schedule) < count_flops(model, schedule={})
 
 
 def test_class_token_is_tracked_and_never_merged(model):
     x = images(model)
-    with attach(model, "mtr", r=4, track=True) as handle, torch.inference_mode():
+    with attach(model, "mtr", r=4, record_plans=True) as handle, torch.inference_mode():
         model(x)
-        plan = handle.last_plan
+        plans = handle.last_plans
     cls = model.cls_index
-    assert plan is not None and plan.num_tokens == model.num_tokens
-    final_slot = plan.assignment[:, cls]
-    assert (final_slot >= 0).all()
-    assert (plan.sizes.gather(1, final_slot.unsqueeze(1)) == 1).all(), "nothing may merge into the class token"
-    assert (plan.indices.gather(1, final_slot.unsqueeze(1)).squeeze(1) == cls).all()
+    assert [p.image for p in plans] == [0, 1, 2] and all(isinstance(p, ImagePlan) for p in plans)
+    for plan in plans:
+        plan = plan.reduction
+        assert plan.num_tokens == model.num_tokens and plan.num_kept == handle.last_stats.kept
+        final_slot = plan.assignment[:, cls]
+        assert (final_slot >= 0).all()
+        assert (plan.sizes.gather(1, final_slot.unsqueeze(1)) == 1).all(), "nothing may merge into the class token"
+        assert (plan.indices.gather(1, final_slot.unsqueeze(1)).squeeze(1) == cls).all()
+
+
+def test_plans_are_kept_only_when_asked(model):
+    with attach(model, "mtr", r=2) as handle, torch.inference_mode():
+        model(images(model))
+    assert handle.last_plans is None and handle.last_stats is not None
 
 
 def test_reduced_batch_equals_per_sample_runs(model):
@@ -84,51 +97,86 @@ def test_every_reducer_runs_through_the_same_hook(model, name):
     assert flops == count_flops(model, schedule=handle.schedule)
 
 
+def _delta_requests(model):
+    """Which blocks were asked for their Δ in each forward, recorded by a pre-hook on every block."""
+    asked = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("return_delta"):
+            asked.append(module)
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in model.layers]
+    return asked, hooks
+
+
 def test_mtr_reads_delta_only_on_scheduled_blocks(model):
-    with attach(model, "mtr", schedule={1: 2}):
-        flags = [layer.mixer.record_delta for layer in model.layers]
-    assert flags == [index == 1 for index in range(model.depth)]
-    with attach(model, "tome", schedule={1: 2}):
-        assert not any(layer.mixer.record_delta for layer in model.layers), "tome needs no Δ"
+    asked, hooks = _delta_requests(model)
+    try:
+        with attach(model, "mtr", schedule={1: 2}), torch.inference_mode():
+            model(images(model))
+        assert asked == [model.layers[1]]
+        asked.clear()
+        with attach(model, "tome", schedule={1: 2}), torch.inference_mode():
+            model(images(model))
+        assert asked == [], "tome needs no Δ"
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_bad_schedules_and_double_attach_are_refused(model):
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InvalidInputError, match="out of range"):
         attach(model, "mtr", schedule={model.depth - 1: 2})
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InvalidInputError, match="out of range"):
         attach(model, "mtr", schedule={-1: 2})
-    with pytest.raises(ValueError, match="fewer than two"):
+    with pytest.raises(BudgetError, match="fewer than two"):
         attach(model, "mtr", schedule={0: model.num_tokens - 1})
-    with pytest.raises(ValueError, match="exactly one way"):
+    with pytest.raises(InvalidInputError, match="exactly one way"):
         attach(model, "mtr", r=2, flops_cut=0.3)
-    with pytest.raises(ValueError, match="exactly one way"):
+    with pytest.raises(InvalidInputError, match="exactly one way"):
         attach(model, "mtr")
-    with attach(model, "mtr", r=1), pytest.raises(RuntimeError, match="already attached"):
+    with pytest.raises(BudgetError, match="cannot be met"):
+        attach(model, "mtr", flops_cut=0.95)
+    with attach(model, "mtr", r=1), pytest.raises(AttachError, match="already attached"):
         attach(model, "tome", r=1)
     assert model.token_reduction is None
 
 
+def test_reducers_that_cannot_run_are_refused_at_attach_time(model):
+    with pytest.raises(InvalidTypeError, match=r"reducer instance \(MTR\(\)\) or its registered name \('mtr'\)"):
+        attach(model, MTR, flops_cut=0.3)
+    with pytest.raises(IncompatibleReducerError, match=r"MTR\(num_keep=5.*has a budget.*build it without one"):
+        attach(model, MTR(num_keep=5), flops_cut=0.3)
+    with pytest.raises(IncompatibleReducerError, match=r"num_keep= has no effect here"):
+        attach(model, "mtr", flops_cut=0.3, num_keep=5)
+    with pytest.raises(IncompatibleReducerError, match=r"'caller' scores, which a Vision Mamba model cannot supply"):
+        attach(model, "topk", flops_cut=0.3)
+    with pytest.raises(InvalidTypeError, match="go with a reducer given by name"):
+        attach(model, MTR(), flops_cut=0.3, target_ratio=0.5)
+    with pytest.raises(InvalidTypeError, match="tokred-mamba model"):
+        attach(torch.nn.Linear(2, 2), "mtr", r=1)
+    assert model.token_reduction is None
+    with attach(model, "mtr", flops_cut=0.3, target_ratio=0.5) as handle:
+        assert handle.reducer.target_ratio == 0.5
+
+
 def test_hook_matches_a_step_by_step_reference(model):
     """The reduced forward written out by hand, one image at a time, with the reducer called directly."""
-    from tokred.mamba.methods import MTR
-
     x = images(model, batch=2, seed=3)
     schedule = {0: 2, 2: 3}
-    reducer = MTR(num_remove=1)
+    reducer = MTR()
     expected = []
     with torch.inference_mode():
         for row in range(2):
             hidden, residual, sizes, cls = model.embed(x[row : row + 1]), None, None, model.cls_index
             for index, layer in enumerate(model.layers):
-                layer.mixer.record_delta = index in schedule
-                hidden, residual = layer(hidden, residual)
-                layer.mixer.record_delta = False
+                hidden, residual, delta = layer(hidden, residual, return_delta=True)
                 if index in schedule:
                     protected = torch.zeros(hidden.shape[:2], dtype=torch.bool)
                     protected[0, cls] = True
                     step = reducer(
                         hidden,
-                        scores=reducer.scores_from_block(layer),
+                        scores=delta_importance(delta),
                         protected=protected,
                         sizes=sizes,
                         num_keep=hidden.shape[1] - schedule[index],

@@ -12,15 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokred.core.errors import InvalidInputError, InvalidTypeError, MissingDependencyError, TokredError
 from tokred.mamba.ops import (
     BACKENDS,
     _mamba_ssm,
     available_backends,
+    prepare_delta,
     selective_scan,
     selective_scan_chunked,
     selective_scan_reference,
 )
-from tokred.mamba.ops import scan as scan_module
+from tokred.mamba.ops import chunked as chunked_module
+from tokred.mamba.ops import dispatch as dispatch_module
 
 CPU_BACKENDS = ["reference", "chunked", "auto"]
 
@@ -244,7 +247,7 @@ def test_chunked_handles_empty_batches_and_channels(shape):
 def test_chunked_workspace_works_across_inference_mode_and_threads(monkeypatch):
     # The CPU scratch memory is kept per thread: a first call in inference mode must not leave an inference
     # tensor behind that a later no-grad call would have to update in place, and threads must not share it.
-    monkeypatch.setattr(scan_module, "_workspaces", threading.local())
+    monkeypatch.setattr(chunked_module, "_workspaces", threading.local())
     x = make_inputs(2, 6, 50, 4, seed=13)
     expected = selective_scan_reference(**x, delta_softplus=True)
     with torch.inference_mode():
@@ -269,6 +272,190 @@ def test_chunked_rejects_nonpositive_settings():
         selective_scan_chunked(**x, chunk_size=0)
     with pytest.raises(ValueError, match="block_elements"):
         selective_scan_chunked(**x, block_elements=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The chunked backend under autograd: which path runs, and the hand-written backward against the reference.
+
+GRAD_SHAPES = [  # (B, D, L, N): L = 1, L shorter than, equal to and not a multiple of the default chunk (20)
+    (1, 1, 1, 1),
+    (2, 3, 1, 4),
+    (1, 4, 2, 3),
+    (2, 5, 20, 4),
+    (3, 4, 23, 5),
+    (2, 6, 45, 8),
+]
+
+
+def grad_fn_names(tensor):
+    """The class names of every node in the autograd graph that produced ``tensor``."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def gradients(scan, x, weights, **kwargs):
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+    others = {k: None for k, v in x.items() if v is None}
+    (scan(**leaves, **others, **kwargs) * weights).sum().backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 5e-6)])
+@pytest.mark.parametrize(("use_d_z_bias", "softplus"), [(True, True), (False, False)])
+def test_chunked_autograd_path_gradients_equal_those_of_the_reference(shape, dtype, tol, use_d_z_bias, softplus):
+    x = make_inputs(*shape, dtype=dtype, seed=sum(shape))
+    if not softplus:
+        x["delta"] = x["delta"].abs()
+    if not use_d_z_bias:
+        x["D"] = x["z"] = x["delta_bias"] = None
+    weights = torch.randn(*shape[:3], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    ours = gradients(selective_scan_chunked, x, weights, delta_softplus=softplus)
+    expected = gradients(selective_scan_reference, x, weights, delta_softplus=softplus)
+    assert set(ours) == set(expected) == {k for k, v in x.items() if v is not None}
+    for name in expected:
+        assert ours[name].dtype == dtype and ours[name].shape == x[name].shape, name
+        assert_close_scaled(ours[name], expected[name], tol)
+
+
+@pytest.mark.parametrize("name", ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
+def test_chunked_autograd_path_with_a_single_input_requiring_grad(name):
+    # The backward skips the adjoints nobody asked for; each one alone must still be right.
+    x = make_inputs(2, 3, 11, 4, dtype=torch.float64, seed=5)
+    weights = torch.randn(2, 3, 11, dtype=torch.float64)
+    grads = []
+    for scan in (selective_scan_chunked, selective_scan_reference):
+        leaf = x[name].clone().requires_grad_()
+        (scan(**{**x, name: leaf}, delta_softplus=True) * weights).sum().backward()
+        grads.append(leaf.grad)
+    assert_close_scaled(grads[0], grads[1], 1e-12)
+
+
+def test_chunked_autograd_path_passes_gradcheck():
+    x = make_inputs(2, 3, 7, 2, dtype=torch.float64, seed=4)
+    leaves = tuple(x[k].clone().requires_grad_() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    assert torch.autograd.gradcheck(lambda *t: selective_scan_chunked(*t, delta_softplus=True), leaves)
+
+
+def test_chunked_autograd_path_works_under_torch_func_grad():
+    x = make_inputs(2, 3, 9, 4, dtype=torch.float64, seed=10)
+    weights = torch.randn(2, 3, 9, dtype=torch.float64)
+
+    def loss(scan):
+        def f(u, A, delta_bias):
+            y = scan(u, x["delta"], A, x["B"], x["C"], x["D"], x["z"], delta_bias, delta_softplus=True)
+            return (y * weights).sum()
+
+        return torch.func.grad(f, argnums=(0, 1, 2))(x["u"], x["A"], x["delta_bias"])
+
+    for ours, expected in zip(loss(selective_scan_chunked), loss(selective_scan_reference), strict=True):
+        assert_close_scaled(ours, expected, 1e-12)
+
+
+def test_chunked_on_cpu_with_grad_runs_the_hand_written_backward():
+    x = make_inputs(2, 4, 30, 3, seed=8)
+    u = x.pop("u").requires_grad_()
+    y = selective_scan_chunked(u, **x, delta_softplus=True)
+    assert "_StatefulScanBackward" in grad_fn_names(y)
+    # Through the dispatcher too, and without skip and gate the Function's node is the output's own.
+    bare = selective_scan(u, x["delta"], x["A"], x["B"], x["C"], backend="chunked")
+    assert type(bare.grad_fn).__name__ == "_StatefulScanBackward"
+    assert "_StatefulScanBackward" in grad_fn_names(selective_scan(u, **x, delta_softplus=True))
+
+
+def test_chunked_without_grad_runs_the_buffered_scan(monkeypatch):
+    x = make_inputs(2, 4, 30, 3, seed=8)
+    leaves = {k: v.requires_grad_() for k, v in x.items()}
+    calls = []
+    real = chunked_module._scan_buffered
+    monkeypatch.setattr(chunked_module, "_scan_buffered", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y = selective_scan_chunked(**leaves, delta_softplus=True)
+    assert y.grad_fn is None and not y.requires_grad and len(calls) == 1
+    # Inputs that need no gradient, with grad mode on, are the same case.
+    y = selective_scan_chunked(**make_inputs(2, 4, 30, 3, seed=8), delta_softplus=True)
+    assert y.grad_fn is None and len(calls) == 2
+
+
+def test_chunked_picks_the_functional_variant_on_cuda_and_while_compiling(monkeypatch):
+    leaf, plain = torch.ones(1, requires_grad=True), torch.ones(1)
+    assert chunked_module._pick_path(CPU, plain, None) == "buffered"
+    assert chunked_module._pick_path(CPU, plain, leaf) == "autograd"
+    assert chunked_module._pick_path(CUDA, plain, leaf) == "functional"
+    assert chunked_module._pick_path(CUDA, plain) == "buffered"
+    with torch.no_grad():
+        assert chunked_module._pick_path(CPU, leaf) == "buffered"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert chunked_module._pick_path(CPU, leaf) == "functional"
+    assert chunked_module._pick_path(CPU, plain) == "functional"
+
+
+def test_chunked_functional_variant_gradients_equal_those_of_the_reference(monkeypatch):
+    # The CUDA and torch.compile path, forced on CPU.
+    monkeypatch.setattr(chunked_module, "_pick_path", lambda *a: "functional")
+    x = make_inputs(2, 3, 23, 4, dtype=torch.float64, seed=6)
+    weights = torch.randn(2, 3, 23, dtype=torch.float64)
+    u = x["u"].clone().requires_grad_()
+    assert "_StatefulScanBackward" not in grad_fn_names(selective_scan_chunked(**{**x, "u": u}))
+    ours = gradients(selective_scan_chunked, x, weights, delta_softplus=True, chunk_size=5)
+    expected = gradients(selective_scan_reference, x, weights, delta_softplus=True)
+    for name in expected:
+        assert_close_scaled(ours[name], expected[name], 1e-12)
+
+
+def test_reference_keeps_float64_inputs_in_float64():
+    x = make_inputs(2, 3, 17, 4, dtype=torch.float64, seed=12)
+    y = selective_scan_reference(**x, delta_softplus=True)
+    assert y.dtype == torch.float64
+    assert_close_scaled(y, loop64(**x, delta_softplus=True), 1e-13)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The discretised timescale.
+
+
+def test_prepare_delta_matches_the_formula_written_out():
+    delta = [[[0.3, -1.2, 4.0], [-0.5, 0.0, 2.5]]]  # (B=1, D=2, L=3)
+    bias = [0.7, -2.0]
+
+    def softplus(v):
+        return math.log1p(math.exp(v))
+
+    with_softplus = [[[softplus(v + bias[d]) for v in row] for d, row in enumerate(delta[0])]]
+    summed = [[[v + bias[d] for v in row] for d, row in enumerate(delta[0])]]
+    d, b = torch.tensor(delta), torch.tensor(bias)
+    torch.testing.assert_close(prepare_delta(d, b, delta_softplus=True), torch.tensor(with_softplus))
+    torch.testing.assert_close(prepare_delta(d, b), torch.tensor(summed))
+    torch.testing.assert_close(prepare_delta(d, delta_softplus=True), torch.tensor(delta).apply_(softplus))
+    assert torch.equal(prepare_delta(d), d)
+
+
+def test_prepare_delta_dtypes_and_inputs_left_alone():
+    d16 = torch.randn(2, 3, 4).half()
+    assert prepare_delta(d16, delta_softplus=True).dtype == torch.float32
+    assert prepare_delta(d16.double(), torch.zeros(3), delta_softplus=True).dtype == torch.float64
+    assert prepare_delta(d16.float(), torch.zeros(3, dtype=torch.float64)).dtype == torch.float64
+    assert prepare_delta(d16, torch.zeros(3), dtype=torch.float64).dtype == torch.float64
+    before = d16.clone()
+    prepare_delta(d16, torch.ones(3), delta_softplus=True)
+    assert torch.equal(d16, before)
+
+
+def test_prepared_delta_given_to_a_scan_is_what_the_scan_computes_itself():
+    # The mixer discretises once and scans that Δ without bias or softplus; it must be the same scan.
+    x = make_inputs(2, 4, 25, 3, seed=14)
+    dt = prepare_delta(x["delta"], x["delta_bias"], delta_softplus=True)
+    for backend in CPU_BACKENDS:
+        direct = selective_scan(**x, delta_softplus=True, backend=backend)
+        prepared = selective_scan(**{**x, "delta": dt, "delta_bias": None}, backend=backend)
+        assert torch.equal(prepared, direct), backend
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,8 +487,16 @@ def _bad_inputs():
 def test_every_backend_rejects_inconsistent_inputs_with_a_clear_message(backend, case):
     good, cases = _bad_inputs()
     change, message = cases[case]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInputError, match=message):
         selective_scan(**{**good, **change}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_rejects_a_non_tensor_with_a_type_error(backend):
+    x = make_inputs(2, 3, 5, 4)
+    with pytest.raises(InvalidTypeError, match=r"D must be a torch\.Tensor, got list") as info:
+        selective_scan(**{**x, "D": [1.0, 2.0, 3.0]}, backend=backend)
+    assert isinstance(info.value, TypeError)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,8 +505,8 @@ def test_every_backend_rejects_inconsistent_inputs_with_a_clear_message(backend,
 
 @pytest.fixture
 def no_env(monkeypatch):
-    monkeypatch.delenv(scan_module.ENV_VAR, raising=False)
-    monkeypatch.setattr(scan_module, "_logged_fallbacks", set())
+    monkeypatch.delenv(dispatch_module.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch_module, "_logged_fallbacks", set())
 
 
 @pytest.fixture
@@ -337,26 +532,26 @@ CPU = torch.device("cpu")
 
 
 def test_auto_picks_the_kernel_for_cuda_tensors_when_it_imports(no_env, kernel_present):
-    assert scan_module._resolve_backend("auto", CUDA, torch.float16, 16) == "mamba_ssm"
-    assert scan_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
+    assert dispatch_module._resolve_backend("auto", CUDA, torch.float16, 16) == "mamba_ssm"
+    assert dispatch_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
 
 
 def test_auto_avoids_the_kernel_while_torch_compile_traces(no_env, kernel_present, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert scan_module._resolve_backend("auto", CUDA, torch.float32, 16) == "chunked"
+    assert dispatch_module._resolve_backend("auto", CUDA, torch.float32, 16) == "chunked"
 
 
 @pytest.mark.parametrize(("dtype", "state"), [(torch.float64, 16), (torch.float32, 257)])
 def test_auto_avoids_the_kernel_for_inputs_it_cannot_take(no_env, kernel_present, dtype, state):
-    assert scan_module._resolve_backend("auto", CUDA, dtype, state) == "chunked"
+    assert dispatch_module._resolve_backend("auto", CUDA, dtype, state) == "chunked"
 
 
 def test_auto_falls_back_on_cuda_without_mamba_ssm_and_logs_it_once(no_env, kernel_absent, caplog):
-    with caplog.at_level(logging.WARNING, logger=scan_module.__name__):
+    with caplog.at_level(logging.WARNING, logger=dispatch_module.__name__):
         for _ in range(3):
-            assert scan_module._resolve_backend("auto", CUDA, torch.float32, 16) == "chunked"
-        assert scan_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
-    records = [r for r in caplog.records if r.name == scan_module.__name__]
+            assert dispatch_module._resolve_backend("auto", CUDA, torch.float32, 16) == "chunked"
+        assert dispatch_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
+    records = [r for r in caplog.records if r.name == dispatch_module.__name__]
     assert len(records) == 1
     assert "mamba-ssm does not import" in records[0].getMessage()
     assert "--no-build-isolation" in records[0].getMessage()
@@ -364,8 +559,8 @@ def test_auto_falls_back_on_cuda_without_mamba_ssm_and_logs_it_once(no_env, kern
 
 def test_auto_on_cpu_runs_the_chunked_backend(no_env, kernel_present, monkeypatch):
     seen = []
-    real = scan_module._chunked
-    monkeypatch.setattr(scan_module, "_chunked", lambda *a, **k: seen.append(True) or real(*a, **k))
+    real = chunked_module._chunked
+    monkeypatch.setattr(chunked_module, "_chunked", lambda *a, **k: seen.append(True) or real(*a, **k))
     x = make_inputs(1, 2, 6, 3)
     torch.testing.assert_close(selective_scan(**x), selective_scan_chunked(**x))
     assert seen and not kernel_present
@@ -373,30 +568,31 @@ def test_auto_on_cpu_runs_the_chunked_backend(no_env, kernel_present, monkeypatc
 
 @pytest.mark.parametrize("name", ["reference", "chunked"])
 def test_environment_variable_overrides_auto_only(no_env, monkeypatch, name):
-    monkeypatch.setenv(scan_module.ENV_VAR, name)
-    assert scan_module._resolve_backend("auto", CPU, torch.float32, 16) == name
-    assert scan_module._resolve_backend("reference", CPU, torch.float32, 16) == "reference"
+    monkeypatch.setenv(dispatch_module.ENV_VAR, name)
+    assert dispatch_module._resolve_backend("auto", CPU, torch.float32, 16) == name
+    assert dispatch_module._resolve_backend("reference", CPU, torch.float32, 16) == "reference"
     x = make_inputs(1, 2, 6, 3)
     assert torch.equal(selective_scan(**x), selective_scan(**x, backend=name))
 
 
 def test_environment_variable_auto_or_empty_means_unset(no_env, monkeypatch):
     for value in ("auto", "", "  "):
-        monkeypatch.setenv(scan_module.ENV_VAR, value)
-        assert scan_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
+        monkeypatch.setenv(dispatch_module.ENV_VAR, value)
+        assert dispatch_module._resolve_backend("auto", CPU, torch.float32, 16) == "chunked"
 
 
 def test_unknown_environment_value_is_an_error(no_env, monkeypatch):
-    monkeypatch.setenv(scan_module.ENV_VAR, "fastest")
+    monkeypatch.setenv(dispatch_module.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=r"TOKRED_SCAN_BACKEND='fastest'.*'chunked'"):
         selective_scan(**make_inputs(1, 2, 3, 2))
 
 
 def test_unknown_backend_lists_the_valid_ones():
     with pytest.raises(
-        ValueError, match=r"unknown scan backend 'cuda'; valid: 'auto', 'reference', 'chunked', 'mamba_ssm'"
-    ):
+        InvalidInputError, match=r"unknown scan backend 'cuda'; valid: 'auto', 'reference', 'chunked', 'mamba_ssm'$"
+    ) as info:
         selective_scan(**make_inputs(1, 2, 3, 2), backend="cuda")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TokredError)
 
 
 def test_explicit_reference_and_chunked_are_the_public_functions(no_env):
@@ -406,8 +602,9 @@ def test_explicit_reference_and_chunked_are_the_public_functions(no_env):
 
 
 def test_explicit_mamba_ssm_without_it_says_how_to_install(no_env, kernel_absent):
-    with pytest.raises(ImportError) as info:
+    with pytest.raises(MissingDependencyError) as info:
         selective_scan(**make_inputs(1, 2, 3, 2), backend="mamba_ssm")
+    assert isinstance(info.value, ImportError)
     message = str(info.value)
     assert 'pip install --no-build-isolation "tokred-mamba[kernels]"' in message
     assert "CUDA" in message and "No module named 'mamba_ssm'" in message
@@ -502,5 +699,5 @@ def test_mamba_ssm_backend_matches_reference(no_env, dtype):
     y = selective_scan(**x, delta_softplus=True, backend="mamba_ssm")
     assert y.dtype == dtype and y.device.type == "cuda"
     assert_close_scaled(y, expected, 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps)
-    assert scan_module._resolve_backend("auto", y.device, dtype, 16) == "mamba_ssm"
+    assert dispatch_module._resolve_backend("auto", y.device, dtype, 16) == "mamba_ssm"
     assert "mamba_ssm" in available_backends()

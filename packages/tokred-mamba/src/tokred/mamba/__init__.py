@@ -5,19 +5,23 @@ loading, the evaluation preprocessing, the selective-scan backends, and token re
 
 Example:
     >>> import torch
-    >>> from tokred.mamba import create_model
+    >>> from tokred.mamba import MTR, attach, create_model
     >>> model = create_model("vim_test").eval()            # create_model("vim_small", "vim_s_….pth") for real
-    >>> model(torch.randn(2, 3, model.img_size, model.img_size)).shape
+    >>> images = torch.randn(2, 3, model.img_size, model.img_size)
+    >>> with attach(model, MTR(), flops_cut=0.3):
+    ...     model(images).shape
     torch.Size([2, 10])
 """
 
 from importlib import metadata as _metadata
 
 from tokred.mamba.flops import count_flops
+from tokred.mamba.methods import MTR, ToPViMReducer, UTRReducer
 from tokred.mamba.models import (
     CheckpointError,
     LoadedCheckpoint,
     MambaClassifier,
+    ModelSpec,
     UnknownModelError,
     VideoMamba,
     VideoMambaImage,
@@ -25,10 +29,20 @@ from tokred.mamba.models import (
     available_models,
     create_model,
     load_checkpoint,
+    model_spec,
     register_model,
 )
-from tokred.mamba.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, load_image, preprocess_image
-from tokred.mamba.reduction import attach
+from tokred.mamba.preprocess import (
+    IMAGENET_EVAL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolder,
+    PreprocessConfig,
+    load_image,
+    preprocess_image,
+)
+from tokred.mamba.reduction import Attachment, ForwardStats, ImagePlan, attach
+from tokred.mamba.schedule import solve_schedule
 
 try:
     __version__ = _metadata.version("tokred-mamba")
@@ -36,12 +50,21 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "IMAGENET_EVAL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MTR",
+    "Attachment",
     "CheckpointError",
+    "ForwardStats",
     "ImageFolder",
+    "ImagePlan",
     "LoadedCheckpoint",
     "MambaClassifier",
+    "ModelSpec",
+    "PreprocessConfig",
+    "ToPViMReducer",
+    "UTRReducer",
     "UnknownModelError",
     "VideoMamba",
     "VideoMambaImage",
@@ -53,6 +76,8 @@ __all__ = [
     "create_model",
     "load_checkpoint",
     "load_image",
+    "model_spec",
     "preprocess_image",
     "register_model",
+    "solve_schedule",
 ]

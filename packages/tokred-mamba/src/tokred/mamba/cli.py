@@ -1,18 +1,41 @@
-"""``tokred mamba …``: classify images and evaluate on a folder, dense or with token reduction."""
+r"""``tokred mamba …``: classify images and evaluate on a folder, dense or with token reduction.
+
+Examples::
+
+    tokred mamba models
+    tokred mamba classify --model vim_small --checkpoint vim_s_midclstok_80p5acc.pth cat.jpg dog.jpg
+    tokred mamba classify --model vim_scenes --reducer mtr --flops-cut 0.4 scene.png   # bundled weights
+    tokred mamba eval --model vim_small --checkpoint vim_s.pth --data imagenet/val --reducer mtr --flops-cut 0.3 \
+        --out results/
+
+A model is loaded with ``--checkpoint FILE``, or with the weights a package bundles for it (``vim_scenes``);
+a model with neither is refused unless ``--random-weights`` asks for random ones. Images are prepared the way
+the model's registration says (the official ImageNet transform, or the reference model's own).
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from tokred.core.cli.main import set_command
+from tokred.core.cli.options import add_device_argument, add_reducer_arguments, open_fraction, positive_int
+from tokred.core.cli.tables import format_table
+from tokred.core.errors import IncompatibleReducerError, InvalidInputError
 
 __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``mamba`` subcommand group to the ``tokred`` command."""
+    from tokred.mamba.ops import BACKENDS
+
     parser = subparsers.add_parser(
         "mamba",
         help="Vision Mamba models: classify, evaluate, list",
@@ -20,27 +43,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = parser.add_subparsers(dest="mamba_command", metavar="COMMAND", required=True)
 
-    models = commands.add_parser("models", help="list the model names create_model accepts")
-    models.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern (default: all)")
-    models.set_defaults(func=_run_models)
+    models = commands.add_parser(
+        "models", help="list the models create_model accepts", description="List the registered Vision Mamba models."
+    )
+    models.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'vim_*' (default: all)")
+    set_command(models, _run_models)
 
-    classify = commands.add_parser("classify", help="classify image files")
-    _add_model_arguments(classify)
-    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    classify.add_argument("--top-k", type=int, default=5, help="predictions shown per image (default 5)")
-    classify.set_defaults(func=_run_classify)
+    classify = commands.add_parser(
+        "classify",
+        help="classify image files",
+        description="Print each image's top classes (with their names when the model has them), dense or reduced.",
+    )
+    _add_model_arguments(classify, BACKENDS)
+    classify.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    classify.add_argument(
+        "--image", action="append", default=[], metavar="FILE", help="an image file; repeatable (or give them as IMAGE)"
+    )
+    classify.add_argument("--top-k", type=positive_int, default=5, help="predictions shown per image (default 5)")
+    set_command(classify, _run_classify)
 
-    evaluate = commands.add_parser("eval", help="top-1 / top-5 accuracy on an ImageFolder-layout folder")
-    _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    evaluate.set_defaults(func=_run_eval)
+    evaluate = commands.add_parser(
+        "eval",
+        help="top-1 / top-5 accuracy on an ImageNet-style folder",
+        description="Top-1 and top-5 accuracy on a folder with one sub-folder of images per class (root/<class>/"
+        "<image>, classes sorted by name as in ImageNet's validation set), dense or reduced.",
+    )
+    _add_model_arguments(evaluate, BACKENDS)
+    evaluate.add_argument(
+        "--data", required=True, type=Path, metavar="FOLDER", help="folder with one sub-folder of images per class"
+    )
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="images per forward (default 16)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many images")
+    evaluate.add_argument(
+        "--out", type=Path, default=None, metavar="FOLDER", help="write results.json and predictions.csv there"
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    set_command(evaluate, _run_eval)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model name, see `tokred mamba models`")
-    parser.add_argument("--checkpoint", help="official .pth file (or a state dict) to load")
+def _add_model_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    parser.add_argument("--model", required=True, metavar="NAME", help="model name, see `tokred mamba models`")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", type=Path, metavar="FILE", help="official .pth file (or a state dict) to load")
+    weights.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run with random weights (for models without a checkpoint or bundled weights; answers are meaningless)",
+    )
     parser.add_argument(
         "--checkpoint-key",
         default="auto",
@@ -52,39 +101,68 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow arbitrary pickled objects in the checkpoint (only for files you trust)",
     )
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--scan-backend", default="auto", help="selective-scan backend (default: auto)")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
+    add_device_argument(parser)
+    parser.add_argument(
+        "--scan-backend", default="auto", choices=list(backends), help="selective-scan backend (default: auto)"
+    )
     group = parser.add_argument_group("token reduction")
-    group.add_argument("--reducer", default=None, help="reducer name (mtr, tome, random, …); default: dense")
+    add_reducer_arguments(group, default=None)
     schedule = group.add_mutually_exclusive_group()
-    schedule.add_argument("--flops-cut", type=float, default=None, help="fraction of FLOPs to save (0.2/0.3/0.4)")
-    schedule.add_argument("--r", type=int, default=None, help="tokens removed after each scheduled block")
-    group.add_argument("--after", type=int, nargs="+", default=None, help="block indices (default: 1, 3, 5, …)")
-    group.add_argument("--seed", type=int, default=0, help="seed for stochastic reducers such as random")
+    schedule.add_argument(
+        "--flops-cut", type=open_fraction, default=None, metavar="CUT", help="fraction of FLOPs to save (0.2/0.3/0.4)"
+    )
+    schedule.add_argument(
+        "--num-remove",
+        "--r",
+        dest="num_remove",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="tokens removed after each scheduled block",
+    )
+    group.add_argument(
+        "--after", type=int, nargs="+", default=None, metavar="BLOCK", help="block indices (default: 1, 3, 5, …)"
+    )
 
 
-def _build(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from tokred.mamba import attach, create_model, model_spec
 
-    from tokred.core import get_reducer_class
-    from tokred.mamba import attach, create_model
-
-    overrides = {"scan_backend": args.scan_backend}
+    spec = model_spec(args.model)  # an unknown name fails here, with the known ones
+    overrides: dict[str, Any] = {"scan_backend": args.scan_backend}
     if args.img_size:
         overrides["img_size"] = args.img_size
-    model = create_model(
-        args.model, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, trusted=args.trusted, **overrides
-    )
-    model = model.to(torch.device(args.device)).eval()
+    weights: dict[str, Any] = {}
+    if args.checkpoint is not None:
+        weights = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key, "trusted": args.trusted}
+    elif spec.pretrained is not None and not args.random_weights:
+        weights = {"pretrained": True}
+    elif not args.random_weights:
+        raise InvalidInputError(
+            f"model {spec.name!r} has no bundled weights: give --checkpoint FILE (an official .pth file), or "
+            "--random-weights to run it untrained"
+        )
+    model = create_model(spec.name, **weights, **overrides).to(args.device).eval()
     handle = None
-    if args.reducer:
-        if args.flops_cut is None and args.r is None:
-            raise SystemExit("tokred mamba: --reducer needs --flops-cut or --r")
-        config = {"seed": args.seed} if get_reducer_class(args.reducer).stochastic else {}
-        handle = attach(model, args.reducer, r=args.r, after=args.after, flops_cut=args.flops_cut, **config)
-    elif args.flops_cut is not None or args.r is not None:
-        raise SystemExit("tokred mamba: --flops-cut / --r need --reducer")
+    reducer_given = args.reducer is not None and args.reducer.lower() != "none"
+    if reducer_given:
+        if args.flops_cut is None and args.num_remove is None:
+            raise InvalidInputError(f"--reducer {args.reducer} needs a schedule: --flops-cut CUT or --num-remove R")
+        from tokred.core import get_reducer_class
+
+        config = dict(args.reducer_arg)
+        if get_reducer_class(args.reducer).stochastic:
+            config.setdefault("seed", args.seed)
+        for key in ("num_keep", "keep_ratio", "num_remove"):
+            if key in config:
+                raise IncompatibleReducerError(
+                    f"--reducer-arg {key}=… has no effect: the schedule sets how many tokens each step removes "
+                    "(--flops-cut or --num-remove)"
+                )
+        handle = attach(model, args.reducer, r=args.num_remove, after=args.after, flops_cut=args.flops_cut, **config)
+    elif args.flops_cut is not None or args.num_remove is not None or args.reducer_arg:
+        raise InvalidInputError("--flops-cut, --num-remove and --reducer-arg need --reducer NAME")
     return model, handle
 
 
@@ -99,11 +177,27 @@ def _describe(model: Any) -> str:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from tokred.mamba import available_models
+    from tokred.core.registry import RegistryEntry
+    from tokred.mamba.models.registry import MODELS
 
-    for name in available_models(args.pattern):
-        print(name)
+    entries: dict[str, RegistryEntry] = {e.name: e for e in MODELS.entries()}
+    rows = []
+    for name in MODELS.names(args.pattern):
+        spec = MODELS.get(name)
+        weights = "bundled" if spec.pretrained is not None else "--checkpoint"
+        classes = f"{len(spec.class_names)} named" if spec.class_names else ""
+        rows.append([name, entries[name].distribution or "-", weights, classes, spec.description])
+    if not rows:
+        raise InvalidInputError(f"no model matches {args.pattern!r}; `tokred mamba models` lists them all")
+    print(format_table(["name", "package", "weights", "classes", "description"], rows), end="")
     return 0
+
+
+def _images(args: argparse.Namespace) -> list[str]:
+    paths = [*args.images, *args.image]
+    if not paths:
+        raise InvalidInputError("give at least one image file (IMAGE or --image FILE)")
+    return paths
 
 
 def _run_classify(args: argparse.Namespace) -> int:
@@ -111,67 +205,130 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     from tokred.mamba import load_image
 
-    model, _ = _build(args)
-    device = next(model.parameters()).device
-    print(f"model {args.model}: {_describe(model)}")
-    for path in args.images:
-        image = load_image(path, img_size=model.img_size).unsqueeze(0).to(device)
+    paths = _images(args)
+    model, _ = _load(args)
+    tensors = [load_image(path, model.img_size, model.preprocess_config) for path in paths]  # all read first
+    names = getattr(model, "class_names", None)
+    print(f"model {model.model_name}: {_describe(model)}")
+    for path, image in zip(paths, tensors, strict=True):
         start = time.perf_counter()
         with torch.inference_mode():
-            probs = model(image).float().softmax(dim=-1)[0]
+            probs = model(image.unsqueeze(0).to(args.device)).float().softmax(dim=-1)[0]
         elapsed = time.perf_counter() - start
         top = probs.topk(min(args.top_k, probs.numel()))
-        ranked = ", ".join(f"{i}: {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True))
+        ranked = ", ".join(
+            f"{names[i] if names else i}: {p:.3f}"
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        )
         print(f"{path}\t{ranked}\t({elapsed * 1e3:.0f} ms)")
     return 0
 
 
-def _progress(done: int, total: int, start: float) -> None:
-    stream = sys.stderr  # looked up per call, so redirected streams are honoured
-    width = 30
-    filled = int(width * done / max(total, 1))
-    rate = done / max(time.perf_counter() - start, 1e-9)
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {rate:.1f} img/s")
-    stream.flush()
+def _check_classes(model: Any, classes: Sequence[str]) -> str | None:
+    """A loud warning when the folder's classes cannot be the model's, or None."""
+    names = getattr(model, "class_names", None)
+    num_classes = getattr(model, "num_classes", None)
+    if names:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            return (
+                f"the folder's classes are not the model's: {len(unknown)} of {len(classes)} sub-folders "
+                f"({', '.join(unknown[:3])}{', …' if len(unknown) > 3 else ''}) name no class of {model.model_name}; "
+                "the accuracy below compares labels that do not correspond"
+            )
+        if list(classes) != [n for n in names if n in classes]:
+            return "the folder's classes are in another order than the model's; labels are matched by name"
+    elif num_classes is not None and len(classes) != num_classes:
+        return (
+            f"the folder has {len(classes)} class sub-folders but the model has {num_classes} classes: labels are "
+            "the sub-folders' sorted order, so the accuracy below is only meaningful if that is the model's order"
+        )
+    return None
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from tokred.mamba import ImageFolder
 
-    model, _ = _build(args)
-    device = next(model.parameters()).device
-    dataset = ImageFolder(args.data, img_size=model.img_size)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InvalidInputError(f"--out {args.out} is a file; give a folder (it is created if missing)")
+    model, handle = _load(args)
+    dataset = ImageFolder(args.data, img_size=model.img_size, config=model.preprocess_config)
+    warning = _check_classes(model, dataset.classes)
+    if warning is not None:
+        print(f"tokred mamba eval: WARNING: {warning}", file=sys.stderr)
+    names = getattr(model, "class_names", None)
+    # With named classes, a folder's label is the model's index of its name; else the sorted order.
+    label_of = [names.index(c) if names and c in names else i for i, c in enumerate(dataset.classes)]
     total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    if total == 0:
-        raise SystemExit(f"tokred mamba: no images found under {args.data}")
-    top1 = top5 = seen = 0
+    top1 = top5 = 0
+    predictions: list[tuple[str, str, int, list[int]]] = []
     start = time.perf_counter()
-    index = 0
-    while index < total:
-        batch = [dataset[i] for i in range(index, min(index + args.batch_size, total))]
-        index += len(batch)
-        images = torch.stack([image for image, _ in batch]).to(device)
-        labels = torch.tensor([label for _, label in batch], device=device)
-        with torch.inference_mode():
-            logits = model(images)
-        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels.unsqueeze(1)).any(dim=1).sum())
-        seen += len(batch)
-        _progress(seen, total, start)
+    with tqdm(total=total, desc="tokred mamba eval", unit="img", disable=args.no_progress) as bar:
+        for index in range(0, total, args.batch_size):
+            batch = [dataset[i] for i in range(index, min(index + args.batch_size, total))]
+            images = torch.stack([image for image, _ in batch]).to(args.device)
+            labels = torch.tensor([label_of[label] for _, label in batch])
+            with torch.inference_mode():
+                best = model(images).topk(min(5, model.num_classes), dim=-1).indices.cpu()
+            top1 += int((best[:, 0] == labels).sum())
+            top5 += int((best == labels.unsqueeze(1)).any(dim=1).sum())
+            for offset, (_, label) in enumerate(batch):
+                path, _ = dataset.samples[index + offset]
+                predictions.append((str(path), dataset.classes[label], label_of[label], best[offset].tolist()))
+            bar.update(len(batch))
     elapsed = time.perf_counter() - start
-    sys.stderr.write("\n")
-    print(f"model {args.model}: {_describe(model)}")
-    print(f"images: {seen} evaluated, {dataset.skipped} skipped (not readable images)")
-    print(f"top-1: {100 * top1 / seen:.2f}%  top-5: {100 * top5 / seen:.2f}%")
-    print(f"throughput: {seen / elapsed:.1f} images/s on {device}")
+    results = {
+        "model": model.model_name,
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        "data": str(args.data),
+        "images": total,
+        "skipped": dataset.skipped,
+        "top1": top1 / total,
+        "top5": top5 / total,
+        "reducer": None if handle is None else repr(handle.reducer),
+        "schedule": None if handle is None else {str(k): v for k, v in handle.schedule.items()},
+        "gflops": _gflops(model),
+        "images_per_second": total / elapsed if elapsed > 0 else None,
+        "device": str(args.device),
+        "warning": warning,
+    }
+    print(f"model {model.model_name}: {_describe(model)}")
+    print(f"images: {total} evaluated, {dataset.skipped} skipped (not readable images)")
+    print(f"top-1: {100 * results['top1']:.2f}%  top-5: {100 * results['top5']:.2f}%")
+    print(f"throughput: {results['images_per_second']:.1f} images/s on {args.device}")
+    if args.out is not None:
+        _write_eval(args.out, results, predictions, names)
+        print(f"results: {(args.out / 'results.json').resolve()}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m`
-    """Run ``tokred mamba …`` directly."""
-    from tokred.core.cli import main as tokred_main
+def _gflops(model: Any) -> float:
+    from tokred.mamba import count_flops
 
-    return tokred_main(["mamba", *(argv if argv is not None else sys.argv[1:])])
+    return count_flops(model) / 1e9
+
+
+def _write_eval(
+    out: Path, results: dict[str, Any], predictions: list[tuple[str, str, int, list[int]]], names: Sequence[str] | None
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "class", "label", "prediction", "prediction_name", "correct", "top5"])
+        for path, cls, label, top in predictions:
+            predicted = top[0]
+            writer.writerow(
+                [
+                    path,
+                    cls,
+                    label,
+                    predicted,
+                    names[predicted] if names else "",
+                    int(predicted == label),
+                    " ".join(map(str, top)),
+                ]
+            )

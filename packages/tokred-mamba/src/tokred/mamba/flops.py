@@ -1,6 +1,6 @@
 """FLOPs of Vim / VideoMamba models, dense or reduced, under the conventions papers use.
 
-Counted per the hook convention of R-MeeTo and DyVM (``reference/mtr.md`` §2.7), in multiply-accumulates
+Counted per the hook convention of R-MeeTo and DyVM, in multiply-accumulates
 reported as FLOPs: per block and token, ``in_proj`` (``2E·D``), the depthwise conv (``E·K``), ``x_proj``
 (``E·(R + 2N)``), ``dt_proj`` (``R·E``), the scan (``9·E·N + 2·E``) and ``out_proj`` (``E·D``); plus the patch
 embedding and the head. ``"one_direction"`` counts the conv, projections and scan of one scan direction —
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
+
+from tokred.core.errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["block_flops", "count_flops", "token_counts"]
 
@@ -51,14 +53,14 @@ def block_flops(model: MambaVisionModel, num_tokens: int, convention: Convention
     elif convention == "both_directions":
         directions = 2
     else:
-        raise ValueError(f"convention must be 'one_direction' or 'both_directions'; got {convention!r}")
+        raise InvalidInputError(f"convention must be 'one_direction' or 'both_directions'; got {convention!r}")
     return num_tokens * (shared + directions * per_direction)
 
 
 def _num_patches(model: MambaVisionModel, image_size: int) -> int:
     grid = (image_size - model.patch_size) // model.stride + 1
     if grid <= 0:
-        raise ValueError(f"image_size {image_size} is smaller than the patch size {model.patch_size}")
+        raise InvalidInputError(f"image_size {image_size} is smaller than the patch size {model.patch_size}")
     return grid * grid * model.num_frames
 
 
@@ -84,8 +86,8 @@ def count_flops(
     """Total FLOPs of one forward pass of one image (or clip), in FLOPs (divide by 1e9 for GFLOPs).
 
     Args:
-        model: A tokred-mamba model. If a reducer is attached with :func:`tokred.mamba.attach`, its schedule is
-            used unless ``schedule`` is given.
+        model: A tokred-mamba model. If a reducer is attached with [`tokred.mamba.attach`][tokred.mamba.attach],
+            its schedule is used unless ``schedule`` is given.
         image_size: Input side in pixels; the model's own ``img_size`` by default.
         convention: ``"one_direction"`` (the published convention) or ``"both_directions"``.
         schedule: ``{block index: tokens removed after that block}``; ``{}`` counts the dense model.
@@ -105,11 +107,11 @@ def count_flops(
         hook = getattr(model, "token_reduction", None)
         schedule = dict(getattr(hook, "schedule", {}) or {})
     elif not isinstance(schedule, Mapping):
-        raise TypeError("schedule must be a mapping {block index: tokens removed after it}")
+        raise InvalidTypeError("schedule must be a mapping {block index: tokens removed after it}")
     size = image_size or model.img_size
     counts = token_counts(model, size, schedule)
     if min(counts) < 1:
-        raise ValueError(f"the schedule removes more tokens than there are ({counts[0]} at the start)")
+        raise InvalidInputError(f"the schedule removes more tokens than there are ({counts[0]} at the start)")
     blocks = sum(block_flops(model, count, convention) for count in counts)
     patch_embed = _num_patches(model, size) * model.embed_dim * 3 * model.patch_size * model.patch_size
     head = model.embed_dim * model.num_classes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokred.mamba.layers.mixer import ScanDelta
 from tokred.mamba.layers.norm import RMSNorm
 
 __all__ = ["Block", "DropPath"]
@@ -60,10 +61,25 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the block on ``hidden`` ``(B, L, D)``; returns ``(hidden, residual)``, both ``(B, L, D)``."""
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, return_delta: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, ScanDelta]:
+        """Run the block on ``hidden`` ``(B, L, D)``.
+
+        Args:
+            hidden: ``(B, L, D)``, the previous block's mixer output (the embedding for the first block).
+            residual: ``(B, L, D)`` residual stream, or None for the first block.
+            return_delta: Also return the mixer's [`ScanDelta`][tokred.mamba.layers.ScanDelta] (MTR ranks
+                tokens by it).
+
+        Returns:
+            ``(hidden, residual)``, both ``(B, L, D)``, then the Δ when ``return_delta`` is set.
+        """
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         # Half-precision residuals would accumulate rounding over 24+ blocks; the official models keep fp32.
         residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        hidden = self.mixer(self.norm(residual).to(self.norm.weight.dtype))
-        return hidden, residual
+        normed = self.norm(residual).to(self.norm.weight.dtype)
+        if not return_delta:
+            return self.mixer(normed), residual
+        hidden, delta = self.mixer(normed, return_delta=True)
+        return hidden, residual, delta

@@ -7,14 +7,32 @@ Shapes: ``B`` batch, ``L`` tokens, ``D`` model width (``d_model``), ``E`` inner 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokred.mamba.ops import selective_scan
+from tokred.mamba.ops import prepare_delta, selective_scan
 
-__all__ = ["BidirectionalMamba", "default_dt_rank"]
+__all__ = ["BidirectionalMamba", "ScanDelta", "default_dt_rank"]
+
+
+class ScanDelta(NamedTuple):
+    """The Δ timescale both scans of a bidirectional mixer used, in token order.
+
+    Δ (after the bias and the softplus, exactly what each scan consumed) acts as an input gate: a large Δ
+    writes the token strongly into the state. The backward scan runs on the reversed sequence; its Δ is
+    flipped back here, so position ``t`` is token ``t`` in both. Detached from the graph: it is a ranking
+    signal, and keeping the graph alive would hold every block's activations.
+
+    Attributes:
+        forward: ``(B, E, L)`` Δ of the forward scan, fp32.
+        backward: ``(B, E, L)`` Δ of the backward scan, fp32, flipped back to token order.
+    """
+
+    forward: torch.Tensor
+    backward: torch.Tensor
 
 
 def default_dt_rank(d_model: int) -> int:
@@ -69,15 +87,9 @@ class BidirectionalMamba(nn.Module):
         conv_bias: Whether the convolutions have a bias (True in Vim and VideoMamba).
         bias: Whether ``in_proj`` and ``out_proj`` have a bias (False in Vim and VideoMamba).
 
-    Attributes:
-        record_delta: When True, each forward stores the Δ both scans used in :attr:`last_delta_fwd` and
-            :attr:`last_delta_bwd`; when False (the default) nothing is stored and both are None.
-        last_delta_fwd: ``(B, E, L)`` Δ of the forward scan after bias and softplus, or None.
-        last_delta_bwd: ``(B, E, L)`` Δ of the backward scan after bias and softplus, flipped back to token
-            order (position ``t`` is token ``t``), or None.
-
     Shapes:
-        Input ``(B, L, D)``, output ``(B, L, D)``.
+        Input ``(B, L, D)``, output ``(B, L, D)``; with ``return_delta=True`` also a
+        [`ScanDelta`][tokred.mamba.layers.ScanDelta] of two ``(B, E, L)`` tensors.
     """
 
     def __init__(
@@ -106,9 +118,6 @@ class BidirectionalMamba(nn.Module):
         self.dt_rank = default_dt_rank(d_model) if dt_rank is None else dt_rank
         self.divide_out = divide_out
         self.scan_backend = scan_backend
-        self.record_delta = False
-        self.last_delta_fwd: torch.Tensor | None = None
-        self.last_delta_bwd: torch.Tensor | None = None
 
         inner, rank = self.d_inner, self.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=bias)
@@ -137,6 +146,7 @@ class BidirectionalMamba(nn.Module):
         dt_proj: nn.Linear,
         a_log: torch.Tensor,
         skip: torch.Tensor,
+        return_delta: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One scan direction on ``x``, ``z`` ``(B, E, L)``; returns ``y`` ``(B, E, L)`` and Δ or None."""
         length = x.shape[-1]
@@ -144,40 +154,59 @@ class BidirectionalMamba(nn.Module):
         u = F.silu(conv(x)[..., :length])  # (B, E, L)
         x_dbl = x_proj(u.transpose(1, 2))  # (B, L, R + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # The bias is left out here and given to the scan as delta_bias, as the fused kernels expect;
-        # the matmul order yields (B, E, L) contiguous along L, the layout the CUDA scan needs.
-        delta = torch.matmul(dt_proj.weight, dt.transpose(1, 2))  # (B, E, L)
+        # The matmul order yields (B, E, L) contiguous along L, the layout the CUDA scan needs.
+        delta = torch.matmul(dt_proj.weight, dt.transpose(1, 2))  # (B, E, L), before bias and softplus
         b = b.transpose(1, 2).contiguous()  # (B, N, L)
         c = c.transpose(1, 2).contiguous()  # (B, N, L)
         a = -torch.exp(a_log.float())  # (E, N)
         delta_bias = dt_proj.bias.float()
-        y = selective_scan(
-            u, delta, a, b, c, skip.float(), z, delta_bias, delta_softplus=True, backend=self.scan_backend
-        )
-        recorded = None
-        if self.record_delta:
-            # Recomputed exactly as the scan does (fp32, bias, softplus); detached because it is a
-            # ranking signal, and keeping the graph alive would hold every block's activations.
-            recorded = F.softplus(delta.detach().float() + delta_bias.detach()[:, None])
-        return y, recorded
+        if not return_delta:
+            # The bias and softplus go to the scan, which the fused kernels apply in place.
+            y = selective_scan(
+                u, delta, a, b, c, skip.float(), z, delta_bias, delta_softplus=True, backend=self.scan_backend
+            )
+            return y, None
+        # Discretised once, and that very Δ is both scanned and handed out: what the reducer ranks by is
+        # exactly what the scan consumed.
+        timescale = prepare_delta(delta, delta_bias, delta_softplus=True)  # (B, E, L) fp32
+        y = selective_scan(u, timescale, a, b, c, skip.float(), z, backend=self.scan_backend)
+        return y, timescale.detach()
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Mix ``hidden`` ``(B, L, D)`` along the sequence in both directions; returns ``(B, L, D)``."""
+    @overload
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, hidden: torch.Tensor, *, return_delta: bool) -> torch.Tensor | tuple[torch.Tensor, ScanDelta]: ...
+
+    def forward(
+        self, hidden: torch.Tensor, *, return_delta: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ScanDelta]:
+        """Mix ``hidden`` ``(B, L, D)`` along the sequence in both directions.
+
+        Args:
+            hidden: ``(B, L, D)``.
+            return_delta: Also return the Δ both scans used (for token reduction by Δ).
+
+        Returns:
+            ``(B, L, D)``, and with ``return_delta`` the [`ScanDelta`][tokred.mamba.layers.ScanDelta] too.
+        """
         # (E·2, D) @ (B, D, L) gives x and z already laid out (B, E, L), contiguous along L.
         xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))  # (B, 2E, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
         x, z = xz.chunk(2, dim=1)
-        y_fwd, delta_fwd = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y_fwd, delta_fwd = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, return_delta)
         y_bwd, delta_bwd = self._scan(
-            x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, return_delta
         )
-        self.last_delta_fwd = delta_fwd
-        self.last_delta_bwd = None if delta_bwd is None else delta_bwd.flip(-1)
         y = y_fwd + y_bwd.flip(-1)
         if self.divide_out:
             y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        out = self.out_proj(y.transpose(1, 2))
+        if not return_delta:
+            return out
+        assert delta_fwd is not None and delta_bwd is not None
+        return out, ScanDelta(delta_fwd, delta_bwd.flip(-1))
 
     def extra_repr(self) -> str:
         """Sizes, the combination rule and the scan backend, for ``print(model)``."""

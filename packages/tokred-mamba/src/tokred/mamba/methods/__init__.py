@@ -4,8 +4,8 @@ Importing this package registers ``mtr``, ``topvim`` and ``utr``; the tokred-mam
 them in the ``tokred.reducers`` entry-point group, so ``create_reducer("mtr")`` works without importing it.
 """
 
-from tokred.mamba.methods.mtr import MTR, delta_importance
+from tokred.mamba.methods.mtr import MTR
 from tokred.mamba.methods.topvim import ToPViMReducer
 from tokred.mamba.methods.utr import UTRReducer
 
-__all__ = ["MTR", "ToPViMReducer", "UTRReducer", "delta_importance"]
+__all__ = ["MTR", "ToPViMReducer", "UTRReducer"]

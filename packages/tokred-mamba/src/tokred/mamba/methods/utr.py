@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokred.core import Reducer, Reduction, register_reducer
-from tokred.core.ops import cosine_similarity
+from tokred.core.ops import bipartite_soft_matching, rank
 from tokred.core.rounds import MergeRounds
 
 __all__ = ["UTRReducer"]
@@ -16,12 +16,13 @@ class UTRReducer(Reducer):
     """Pair low-importance tokens with similar high-importance ones; merge half of the chosen, prune the rest.
 
     From Zhan et al., "Rethinking Token Reduction for State Space Models" (EMNLP 2024, "UTR"), written from
-    the paper and the description of its released code (``reference/mtr.md`` §5.5): importance is the
-    clipped output mass ``Σ_d max(0, y_{t,d})``; the unprotected tokens are split by importance into a low
-    half (sources) and a high half (destinations); each source finds its most cosine-similar destination and
-    the ``r`` most similar sources are removed — the more important half of them merged into their match
-    (size-weighted mean), the less important half pruned. A step removes at most half of the tokens, so
-    larger reductions run several steps. Order is preserved.
+    the paper and the description of its released code: importance is the clipped output mass
+    ``Σ_d max(0, y_{t,d})``; the unprotected tokens are split by importance into a low half (sources) and a
+    high half (destinations); each source finds its most cosine-similar destination and the ``r`` most similar
+    sources are removed (core's [`bipartite_soft_matching`][tokred.core.ops.bipartite_soft_matching] with the
+    importance split) — the more important half of them merged into their match (size-weighted mean), the
+    less important half pruned. A step removes at most half of the tokens, so larger reductions run several
+    steps. Order is preserved.
 
     Args:
         num_keep: Tokens kept per set.
@@ -53,24 +54,17 @@ class UTRReducer(Reducer):
             r = torch.minimum(excess, num_low)  # (B,)
             means = rounds.means()
             importance = means.clamp_min(0).sum(dim=-1).masked_fill(~free, float("inf"))
-            order = torch.sort(importance, dim=1, stable=True).indices  # least important first
-            rank = torch.empty_like(order).scatter_(1, order, rounds.positions)
-            is_src = free & (rank < num_low.unsqueeze(1))
-            is_dst = free & ~is_src
-            sim = cosine_similarity(means).masked_fill(~(is_src.unsqueeze(2) & is_dst.unsqueeze(1)), float("-inf"))
-            best_sim, best_dst = sim.max(dim=2)  # (B, N)
-            has_dst = is_dst.any(dim=1, keepdim=True)
-            score = torch.where(is_src, torch.where(has_dst, best_sim, torch.full_like(best_sim, -2.0)), -torch.inf)
-            max_r = int(r.max())
-            chosen = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :max_r]  # (B, R)
-            valid = torch.arange(max_r, device=device).unsqueeze(0) < r.unsqueeze(1)
+            ranks = rank(importance, descending=False)  # (B, N), 0 = least important
+            is_src = free & (ranks < num_low.unsqueeze(1))
+            match = bipartite_soft_matching(means, r, protected=~free, sources=is_src)
+            max_r = match.sources.shape[1]
+            valid = match.sources >= 0  # (B, R)
             # Of each row's chosen sources, the more important half is merged and the rest pruned.
-            chosen_rank = rank.gather(1, chosen).masked_fill(~valid, -1)
+            chosen_rank = ranks.gather(1, match.sources.clamp_min(0)).masked_fill(~valid, -1)
             by_importance = torch.sort(chosen_rank, dim=1, descending=True, stable=True).indices
             merge_mask = torch.zeros_like(valid).scatter_(
                 1, by_importance, torch.arange(max_r, device=device).unsqueeze(0) < ((r + 1) // 2).unsqueeze(1)
             )
-            merge_mask &= valid & has_dst
-            destinations = torch.where(merge_mask, best_dst.gather(1, chosen), -1)
-            rounds.remove(torch.where(valid, chosen, -1), destinations)
+            merge_mask &= valid & (match.destinations >= 0)
+            rounds.remove(match.sources, torch.where(merge_mask, match.destinations, -1))
         return rounds.finish(num_keep)

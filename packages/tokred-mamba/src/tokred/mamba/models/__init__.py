@@ -12,14 +12,24 @@ from tokred.mamba.models.checkpoint import (
     resize_pos_embed,
     resize_temporal_pos_embed,
 )
-from tokred.mamba.models.registry import UnknownModelError, available_models, create_model, register_model
+from tokred.mamba.models.registry import (
+    MODELS,
+    ModelSpec,
+    UnknownModelError,
+    available_models,
+    create_model,
+    model_spec,
+    register_model,
+)
 from tokred.mamba.models.videomamba import PatchEmbed3d, VideoMamba, VideoMambaImage
 from tokred.mamba.models.vim import MambaClassifier, PatchEmbed, VisionMamba
 
 __all__ = [
+    "MODELS",
     "CheckpointError",
     "LoadedCheckpoint",
     "MambaClassifier",
+    "ModelSpec",
     "PatchEmbed",
     "PatchEmbed3d",
     "UnknownModelError",
@@ -30,6 +40,7 @@ __all__ = [
     "create_model",
     "extract_state_dict",
     "load_checkpoint",
+    "model_spec",
     "read_checkpoint",
     "register_model",
     "resize_pos_embed",

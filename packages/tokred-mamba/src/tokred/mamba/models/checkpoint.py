@@ -5,7 +5,7 @@ The official training scripts save a container dict ``{"model", "model_ema", "op
 bare state dict. Files are read with ``torch.load(weights_only=True)`` and only ``argparse.Namespace`` added to
 the allowed types, so a file cannot run code unless the caller says it is trusted.
 
-Position embeddings are adapted to the model being loaded (``reference/mtr.md`` §2.5, §3.2):
+Position embeddings are adapted to the model being loaded:
 
 * ``pos_embed`` ``(1, M + 1, D)``: bicubic interpolation over the square patch grid (``align_corners=False``,
   as in the official DeiT-derived fine-tuning code), with the class-token entry taken out before and put back
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokred.core.errors import TokredError
+from tokred.core.errors import InvalidInputError, MissingFileError
 
 __all__ = [
     "CheckpointError",
@@ -48,7 +48,7 @@ _CONTAINER_KEYS = ("model", "module", "state_dict")
 _BACKWARD_PARAMS = ("A_b_log", "D_b", "conv1d_b.", "x_proj_b.", "dt_proj_b.")
 
 
-class CheckpointError(TokredError, ValueError):
+class CheckpointError(InvalidInputError):
     """A checkpoint that cannot be read, is not a model checkpoint, or does not fit the model."""
 
 
@@ -102,12 +102,13 @@ def read_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False) -> A
         Whatever the file holds (usually a dict).
 
     Raises:
-        FileNotFoundError: If the file does not exist.
+        MissingFileError: If the file does not exist (a ``FileNotFoundError``).
         CheckpointError: If the file is not a readable PyTorch file, or holds objects that a safe load refuses.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MissingFileError(f"checkpoint {str(path)!r} {what}")
     try:
         if trusted:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -287,7 +288,7 @@ def load_checkpoint(
         A :class:`LoadedCheckpoint` describing what was loaded.
 
     Raises:
-        FileNotFoundError: If the path does not exist.
+        MissingFileError: If the path does not exist (a ``FileNotFoundError``).
         CheckpointError: If the file cannot be read safely, is not a checkpoint, has no such entry, or its keys
             or shapes do not fit the model (the message names the keys and, where it can, why).
 

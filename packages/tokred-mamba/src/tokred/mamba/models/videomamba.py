@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokred.core.errors import InvalidInputError
 from tokred.mamba.models.checkpoint import resize_temporal_pos_embed
 from tokred.mamba.models.registry import register_model
 from tokred.mamba.models.vim import MambaClassifier, VisionMamba, _grid_side, build
@@ -109,7 +110,7 @@ class VideoMamba(MambaClassifier):
     ) -> None:
         super().__init__(embed_dim=embed_dim, depth=depth, num_classes=num_classes, divide_out=divide_out, **kwargs)
         if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1; got {num_frames}")
+            raise InvalidInputError(f"num_frames must be at least 1; got {num_frames}")
         side = _grid_side(img_size, patch_size, patch_size)
         self.img_size = img_size
         self.patch_size = patch_size
@@ -129,19 +130,19 @@ class VideoMamba(MambaClassifier):
     def _check_input(self, video: torch.Tensor) -> None:
         expected = (self.in_chans, self.num_frames, self.img_size, self.img_size)
         if video.ndim != 5 or video.shape[1] != self.in_chans:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{type(self).__name__} expects clips of shape (B, {', '.join(map(str, expected))}) "
                 f"(B, channels, frames, height, width); got {tuple(video.shape)}"
             )
         frames, height, width = video.shape[2:]
         if frames != self.num_frames:
-            raise ValueError(
+            raise InvalidInputError(
                 f"this model was built for {self.num_frames}-frame clips but got {frames} frames; sample "
                 f"{self.num_frames} frames, or build a model with create_model({self._model_hint()}, "
                 f"num_frames={frames}) (a checkpoint loaded into it has its temporal embedding interpolated)"
             )
         if (height, width) != (self.img_size, self.img_size):
-            raise ValueError(
+            raise InvalidInputError(
                 f"this model was built for {self.img_size}×{self.img_size} frames but got {height}×{width}; "
                 f"resize and center-crop to {self.img_size}, or build a model with "
                 f"create_model({self._model_hint()}, img_size={max(height, width)}) (square frames)"

@@ -3,7 +3,7 @@
 Shapes: ``B`` batch, ``M`` patches, ``L`` tokens (``M + 1`` with the class token), ``D`` model width,
 ``C`` classes.
 
-The architecture (``reference/mtr.md`` §2): a strided ``Conv2d`` patch embedding, a class token inserted in the
+The architecture: a strided ``Conv2d`` patch embedding, a class token inserted in the
 *middle* of the patch sequence (position ``M // 2``), a learned absolute position embedding added after the
 insertion, 24 residual blocks of RMSNorm + bidirectional Mamba (``(y_fwd + y_bwd) / 2``), a final RMSNorm and
 a linear head on the class token.
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from tokred.mamba.layers import BidirectionalMamba, Block, RMSNorm
+from tokred.core.errors import InvalidInputError
+from tokred.mamba.layers import BidirectionalMamba, Block, RMSNorm, ScanDelta
 from tokred.mamba.layers.mixer import default_dt_rank
 from tokred.mamba.models.checkpoint import resize_pos_embed
 from tokred.mamba.models.registry import register_model
@@ -26,6 +27,7 @@ from tokred.mamba.models.registry import register_model
 __all__ = [
     "MambaClassifier",
     "PatchEmbed",
+    "ReductionSlot",
     "VisionMamba",
     "vim_base",
     "vim_small",
@@ -38,6 +40,38 @@ __all__ = [
 ClsPosition = Literal["middle", "first"]
 
 
+class ReductionSlot(Protocol):
+    """What a model calls around and after its blocks when token reduction is attached (``model.token_reduction``).
+
+    [`tokred.mamba.attach`][tokred.mamba.attach] installs one; any object with these four methods works. The
+    per-forward state lives in the object ``begin`` returns, never on the slot, so concurrent forwards through
+    one model do not interfere.
+    """
+
+    def begin(self, hidden: torch.Tensor, cls_pos: torch.Tensor) -> Any:
+        """Start a forward pass on the embedded tokens ``hidden`` ``(B, L, D)``; returns its state."""
+
+    def wants_delta(self, index: int) -> bool:
+        """Whether block ``index`` must return its Δ (the reducer after it ranks by Δ)."""
+
+    def step(
+        self,
+        state: Any,
+        index: int,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        cls_pos: torch.Tensor,
+        delta: ScanDelta | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After block ``index``: reduce ``hidden`` and ``residual`` ``(B, L, D)`` if scheduled.
+
+        Returns ``(hidden, residual, cls_pos)``, possibly shorter, with the class token's new position ``(B,)``.
+        """
+
+    def end(self, state: Any) -> None:
+        """Finish the forward pass (record what it kept)."""
+
+
 class MambaClassifier(nn.Module):
     """What Vim and VideoMamba share: the block stack, the final norm, the head and the reduction slot.
 
@@ -45,11 +79,12 @@ class MambaClassifier(nn.Module):
     (``img_size``, ``patch_size``, ``stride``, ``num_frames``, ``num_patches``, ``cls_index``) and implement
     :meth:`embed`.
 
-    Token reduction: ``token_reduction`` is None (the dense model) or a callable
-    ``(index, block, hidden, residual, cls_pos) -> (hidden, residual, cls_pos)`` run after every block, where
-    ``hidden`` and ``residual`` are ``(B, L, D)`` and ``cls_pos`` ``(B,)`` is the class token's position in each
-    row. It may shorten ``L``; the head reads the class token wherever ``cls_pos`` says it is.
-    :func:`tokred.mamba.attach` sets it.
+    Token reduction: ``token_reduction`` is None (the dense model) or a
+    [`ReductionSlot`][tokred.mamba.models.vim.ReductionSlot] whose ``step`` runs after every block on
+    ``hidden`` and ``residual`` ``(B, L, D)`` and ``cls_pos`` ``(B,)``, the class token's position in each row.
+    It may shorten ``L``; the head reads the class token wherever ``cls_pos`` says it is. A block the slot asks
+    for returns its Δ, which is handed to ``step`` explicitly. [`tokred.mamba.attach`][tokred.mamba.attach]
+    sets it.
 
     Args:
         embed_dim: ``D``.
@@ -109,8 +144,10 @@ class MambaClassifier(nn.Module):
         self.d_inner = expand * embed_dim
         self.dt_rank = default_dt_rank(embed_dim) if dt_rank is None else dt_rank
         self.divide_out = divide_out
-        self.token_reduction: Any = None
+        self.token_reduction: ReductionSlot | None = None
         self.model_name: str | None = None
+        self.preprocess_config: Any = None
+        self.class_names: tuple[str, ...] | None = None
 
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
@@ -172,15 +209,23 @@ class MambaClassifier(nn.Module):
         raise NotImplementedError
 
     def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Run the blocks (and the token-reduction hook, if any) and return the normalised class token ``(B, D)``."""
+        """Run the blocks (and the token reduction, if any) and return the normalised class token ``(B, D)``."""
         hidden = self.embed(inputs)
         batch = hidden.shape[0]
         residual = None
         cls_pos = torch.full((batch,), self.cls_index, dtype=torch.long, device=hidden.device)
+        reduction = self.token_reduction
+        state = None if reduction is None else reduction.begin(hidden, cls_pos)
         for index, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual)
-            if self.token_reduction is not None:
-                hidden, residual, cls_pos = self.token_reduction(index, layer, hidden, residual, cls_pos)
+            delta = None
+            if reduction is not None and reduction.wants_delta(index):
+                hidden, residual, delta = layer(hidden, residual, return_delta=True)
+            else:
+                hidden, residual = layer(hidden, residual)
+            if reduction is not None:
+                hidden, residual, cls_pos = reduction.step(state, index, hidden, residual, cls_pos, delta)
+        if reduction is not None:
+            reduction.end(state)
         if residual is None:  # depth 0: nothing ran, the stream is the embedding itself
             residual, hidden = hidden, torch.zeros_like(hidden)
         # The final add happens in the residual's precision (fp32), like the official fused add + norm.
@@ -257,7 +302,7 @@ class PatchEmbed(nn.Module):
 def _grid_side(img_size: int, patch_size: int, stride: int) -> int:
     side = (img_size - patch_size) // stride + 1
     if img_size < patch_size or side <= 0:
-        raise ValueError(f"img_size {img_size} is smaller than the patch size {patch_size}")
+        raise InvalidInputError(f"img_size {img_size} is smaller than the patch size {patch_size}")
     return side
 
 
@@ -308,7 +353,7 @@ class VisionMamba(MambaClassifier):
     ) -> None:
         super().__init__(embed_dim=embed_dim, depth=depth, num_classes=num_classes, divide_out=divide_out, **kwargs)
         if cls_position not in ("middle", "first"):
-            raise ValueError(f"cls_position must be 'middle' or 'first'; got {cls_position!r}")
+            raise InvalidInputError(f"cls_position must be 'middle' or 'first'; got {cls_position!r}")
         stride = patch_size if stride is None else stride
         side = _grid_side(img_size, patch_size, stride)
         self.img_size = img_size
@@ -327,13 +372,13 @@ class VisionMamba(MambaClassifier):
 
     def _check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_chans:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{type(self).__name__} expects images of shape (B, {self.in_chans}, {self.img_size}, "
                 f"{self.img_size}); got {tuple(images.shape)}"
             )
         height, width = images.shape[-2:]
         if (height, width) != (self.img_size, self.img_size):
-            raise ValueError(
+            raise InvalidInputError(
                 f"this model was built for {self.img_size}×{self.img_size} images but got {height}×{width}. "
                 f"Resize and center-crop to {self.img_size} (tokred.mamba.preprocess_image does), or build a "
                 f"model for another size with create_model({self._model_hint()}, img_size={max(height, width)}) "

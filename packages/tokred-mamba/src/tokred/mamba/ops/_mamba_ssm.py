@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from tokred.core.errors import MissingDependencyError
+
 __all__ = ["INSTALL_HINT", "import_error", "is_available", "selective_scan"]
 
 INSTALL_HINT = (
@@ -59,7 +61,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
 ) -> torch.Tensor:
-    """Run mamba-ssm's fused CUDA selective scan; arguments as :func:`tokred.mamba.ops.selective_scan`.
+    """Run mamba-ssm's fused CUDA selective scan; arguments as [`selective_scan`][tokred.mamba.ops.selective_scan].
 
     Args:
         u: Input ``(B, D, L)`` on a CUDA device.
@@ -76,11 +78,12 @@ def selective_scan(
         ``y`` ``(B, D, L)`` in the dtype of ``u`` (float32, float16 or bfloat16; the kernel has no float64).
 
     Raises:
-        ImportError: mamba-ssm does not import here; the message says how to install it.
+        MissingDependencyError: mamba-ssm does not import here (an ImportError); the message says how to install
+            it.
     """
     kernel, reason = _load()
     if kernel is None:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the 'mamba_ssm' scan backend needs mamba-ssm, which does not import ({reason}); {INSTALL_HINT}"
         )
     # The kernel checks dtypes instead of converting: delta, B, C and z in the dtype of u, A, D and delta_bias
