@@ -7,12 +7,12 @@ import doctest
 import pytest
 import torch
 
-import tokred.vlm.apet as apet_module
+import tokred.vlm.methods.apet as apet_module
 from tokred.core import Reduction, create_reducer, get_reducer_class
 from tokred.core.errors import BudgetError
 from tokred.core.ops import farthest_point_sampling
 from tokred.core.testing import ReducerConformance, make_tokens
-from tokred.vlm.apet import ApET
+from tokred.vlm import ApET
 
 # -- the conformance suite -------------------------------------------------------------------------------------
 
@@ -488,13 +488,14 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_bad_budget_and_call() -> None:
-    with pytest.raises(BudgetError):
-        ApET(num_basis=3)
+    with pytest.raises(BudgetError, match="without a budget"):
+        ApET(num_basis=3)(make_tokens())  # built for a schedule, called without one
+    assert ApET(num_basis=3)(make_tokens(), num_keep=5).num_kept == 5
     with pytest.raises(TypeError, match="unexpected keyword"):
         ApET(num_keep=4, num_bases=3)
     with pytest.raises(ValueError, match=r"fps_start=30 is out of range for a token set of N=24 tokens"):
         ApET(num_keep=4, fps_start=30)(make_tokens())
-    with pytest.raises(ValueError, match="does not use external scores"):
+    with pytest.raises(ValueError, match="features alone"):
         ApET(num_keep=4)(make_tokens(), scores=torch.rand(3, 24))
 
 

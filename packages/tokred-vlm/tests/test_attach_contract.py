@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokred.core import Reducer, Reduction, create_reducer
-from tokred.vlm import attach, supported_model_names
+from tokred.core import (
+    IncompatibleReducerError,
+    InvalidTypeError,
+    Reducer,
+    ReducerContractError,
+    Reduction,
+    TokredError,
+    UnknownReducerError,
+    create_reducer,
+)
+from tokred.vlm import ApET, attach, supported_model_names
 from tokred.vlm.testing import IMAGE_TOKEN_ID, Image, Video, tiny_inputs, tiny_model
 
 ROWS = [[3, Image(), 4], [2, Image(), 3, Image(), 2]]
@@ -99,15 +108,45 @@ def test_bad_arguments_are_refused(llava, qwen):
     onevision = tiny_model("llava_onevision")
     with pytest.raises(ValueError, match=r"space='vision' is not possible for LLaVA-OneVision"):
         attach(onevision, reducer, space="vision")
-    with pytest.raises(ValueError, match="needs model-supplied scores"):
+    with pytest.raises(IncompatibleReducerError, match=r"'caller' scores, which tokred\.vlm does not supply"):
         attach(llava, create_reducer("topk", num_keep=3))
+    with pytest.raises(IncompatibleReducerError, match=r"has no budget; give it one, e\.g\. ApET\(num_keep=64\)"):
+        attach(llava, ApET())
+    with pytest.raises(
+        InvalidTypeError, match=r"reducer instance, such as ApET\(num_keep=64\) or its registered name \('apet'\)"
+    ):
+        attach(llava, ApET)
+    with pytest.raises(InvalidTypeError, match="go with a reducer given by name"):
+        attach(llava, reducer, num_basis=3)
+    with pytest.raises(UnknownReducerError, match=r"unknown reducer 'apte'\. Did you mean 'apet'"):
+        attach(llava, "apte", num_keep=3)
+
+
+def test_a_reducer_given_by_name_is_built_with_its_config(llava):
+    inputs = tiny_inputs(llava, ROWS)
+    with attach(llava, "apet", num_keep=5, num_basis=2) as handle:
+        by_name = _logits(llava, inputs)
+        assert isinstance(handle.reducer, ApET) and handle.reducer.num_basis == 2
+    with attach(llava, ApET(num_keep=5, num_basis=2)):
+        assert torch.equal(_logits(llava, inputs), by_name)
+
+
+def test_every_refusal_is_a_tokred_error(llava):
+    for call in (
+        lambda: attach(llava, ApET),
+        lambda: attach(llava, ApET()),
+        lambda: attach(llava, "apet", num_keep=2, space="pixels"),
+        lambda: attach(torch.nn.Linear(2, 2), "apet", num_keep=2),
+    ):
+        with pytest.raises(TokredError):
+            call()
 
 
 def test_a_budget_larger_than_a_group_keeps_everything(llava):
     inputs = tiny_inputs(llava, ROWS)
     with attach(llava, create_reducer("norm", num_keep=16)) as handle:  # exactly the 16 tokens of an image
         assert torch.equal(_logits(llava, inputs), _logits_detached(llava, inputs, handle))
-        assert handle.last_prefill.kept_visual_tokens == handle.last_prefill.visual_tokens
+        assert handle.last_stats.kept_visual_tokens == handle.last_stats.visual_tokens
 
 
 def _logits_detached(model, inputs, handle):
@@ -167,7 +206,10 @@ class _WrongCount(Reducer):
 def test_a_reducer_whose_output_disagrees_with_its_budget_is_refused(llava):
     inputs = tiny_inputs(llava, ROWS)
     for space in ("llm", "vision"):
-        with attach(llava, _WrongCount(num_keep=3), space=space), pytest.raises(ValueError, match=r"expected indices"):
+        with (
+            attach(llava, _WrongCount(num_keep=3), space=space),
+            pytest.raises(ReducerContractError, match=r"expected indices"),
+        ):
             _logits(llava, inputs)
 
 
@@ -204,7 +246,7 @@ def test_a_text_only_call_passes_through(llava):
     expected = _logits(llava, inputs)
     with attach(llava, create_reducer("norm", num_keep=3)) as handle:
         assert torch.equal(_logits(llava, inputs), expected)
-        assert handle.last_prefill is None
+        assert handle.last_stats is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -222,7 +264,7 @@ def test_half_precision_models_keep_their_dtype(family, dtype):
         out = model.generate(
             **inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
-        assert handle.last_prefill.reduced_length < handle.last_prefill.original_length
+        assert handle.last_stats.reduced_length < handle.last_stats.original_length
     assert all(torch.isfinite(step).all() for step in out.logits)
 
 

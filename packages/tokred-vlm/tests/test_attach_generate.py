@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokred.vlm.attachment as attach_module
+import tokred.vlm.hooks.surgery as surgery_module
 from tokred.core import create_reducer
 from tokred.vlm import attach
 from tokred.vlm.testing import Image, Video, tiny_inputs, tiny_model
@@ -100,7 +101,7 @@ def test_qwen_expanded_generate_keeps_all_is_identical(qwen, mode):
     with attach(model, create_reducer("tome", keep_ratio=0.5)) as handle, torch.no_grad():
         torch.manual_seed(0)
         reduced = model.generate(**inputs, **settings)
-        assert handle.last_prefill.reduced_length < handle.last_prefill.original_length
+        assert handle.last_stats.reduced_length < handle.last_stats.original_length
     assert reduced.sequences.shape[0] == expected.sequences.shape[0]
 
 
@@ -122,7 +123,7 @@ def test_mutation_decode_positions_from_the_cache_length_is_caught(llava, refere
     assert _llava_decode_error(llava, reference) < 1e-5
     # What transformers would do without translation: number the new token by the reduced cache length.
     monkeypatch.setattr(
-        attach_module,
+        surgery_module,
         "decode_positions",
         lambda last, past, prefill, num_new: torch.full_like(last, past) + torch.arange(num_new),
     )
@@ -130,14 +131,14 @@ def test_mutation_decode_positions_from_the_cache_length_is_caught(llava, refere
 
 
 def test_mutation_passing_generates_own_mask_is_caught(llava, reference, monkeypatch):
-    original = attach_module.Attachment._decode
+    original = attach_module.translate_decode
 
-    def unpruned_mask(self, kwargs, state, cache):
+    def unpruned_mask(kwargs, state, cache):
         incoming = kwargs.get("attention_mask")
-        out = original(self, kwargs, state, cache)
+        out = original(kwargs, state, cache)
         if incoming is not None:
             out["attention_mask"] = incoming  # the mask in original coordinates, as generate built it
         return out
 
-    monkeypatch.setattr(attach_module.Attachment, "_decode", unpruned_mask)
+    monkeypatch.setattr(attach_module, "translate_decode", unpruned_mask)
     assert _llava_decode_error(llava, reference) > 1e-4

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokred.core import create_reducer
-from tokred.vlm import SUPPORTED_MODELS, attach
+from tokred.vlm import attach
+from tokred.vlm.models import ADAPTERS
 from tokred.vlm.testing import FAMILIES, Image, Video, tiny_inputs, tiny_model
 
 # Rows per family: a left-padded batch with a different number of images per row, videos where the model takes
@@ -19,7 +20,7 @@ ROWS = {
     "llava_onevision": [[3, Image(56, 56), 4], [2, Video(2), 2]],
     "video_llava": [[3, Image(), 4], [2, Video(2), 2]],
 }
-FAMILY = {f.name: f for f in SUPPORTED_MODELS}
+FAMILY = {name: ADAPTERS.get(name) for name in ADAPTERS.names()}
 STEPS = 4
 
 
@@ -31,7 +32,7 @@ def _generate(model, inputs, **kwargs):
 
 
 def _spaces(family):
-    return ["llm", "vision"] if FAMILY[family].vision_space else ["llm"]
+    return ["llm"] if FAMILY[family].vision_space_refusal else ["llm", "vision"]
 
 
 @pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("eager", "sdpa")], ids=lambda p: "-".join(p))
@@ -57,7 +58,7 @@ def test_keep_all_is_identical_to_the_unmodified_model(model_case):
                 with torch.no_grad():
                     assert torch.equal(model(**inputs).logits, logits), (space, positions)
                 out = _generate(model, inputs)
-                assert handle.last_prefill.reduced_length == handle.last_prefill.original_length
+                assert handle.last_stats.reduced_length == handle.last_stats.original_length
             assert torch.equal(out.sequences, expected.sequences)
             for step, (got, want) in enumerate(zip(out.logits, expected.logits, strict=True)):
                 assert torch.equal(got, want), (space, positions, step)
@@ -79,7 +80,7 @@ def test_reduced_run_matches_the_independent_reference(model_case, reference, re
     with attach(model, reducer, space="llm") as handle:
         with torch.no_grad():
             logits = model(**inputs).logits
-        stats = handle.last_prefill
+        stats = handle.last_stats
         out = _generate(model, inputs)
     want_forward = reference(model, family, inputs, ROWS[family], reducer, positions=positions, mode="forward")
     want = reference(model, family, inputs, ROWS[family], reducer, positions=positions, mode="generate", steps=STEPS)
@@ -171,7 +172,7 @@ def test_vision_space_matches_the_independent_reference(reference, family, reduc
     positions = FAMILY[family].default_positions
     with attach(model, reducer, space="vision") as handle:
         out = _generate(model, inputs)
-        stats = handle.last_prefill
+        stats = handle.last_stats
     want = reference(model, family, inputs, ROWS[family], reducer, positions=positions, steps=STEPS, space="vision")
     assert stats.reduced_length == max(want.lengths) < stats.original_length
     for step, (got, expected) in enumerate(zip(out.logits, want.step_logits, strict=True)):
@@ -202,7 +203,7 @@ def test_every_image_crop_and_frame_is_its_own_group(hand_groups, family, space)
     with attach(model, create_reducer("norm", num_keep=budget), space=space) as handle, torch.no_grad():
         model(**inputs)
     sizes, structural = _group_sizes(hand_groups, model, family, ROWS[family])
-    stats = handle.last_prefill
+    stats = handle.last_stats
     assert stats.groups == len(sizes)
     assert stats.kept_visual_tokens == sum(min(budget, n) for n in sizes) + structural
 
@@ -214,10 +215,10 @@ def test_video_groups_video_gives_one_budget_per_video(family):
     inputs = tiny_inputs(model, rows)
     with attach(model, create_reducer("norm", num_keep=3), video_groups="frame") as handle, torch.no_grad():
         model(**inputs)
-    frames = handle.last_prefill
+    frames = handle.last_stats
     with attach(model, create_reducer("norm", num_keep=3), video_groups="video") as handle, torch.no_grad():
         model(**inputs)
-    whole = handle.last_prefill
+    whole = handle.last_stats
     newline = 1 if family == "llava_onevision" else 0
     assert whole.groups == 1 and frames.groups == (2 if family == "qwen2_vl" else 3)
     assert whole.kept_visual_tokens == 3 + newline

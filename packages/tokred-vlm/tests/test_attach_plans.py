@@ -31,7 +31,7 @@ def test_llava_vision_plans_are_the_reducers_plans_per_image(entry):
         else:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
         plans = handle.last_plans
-        stats = handle.last_prefill
+        stats = handle.last_stats
     assert [(p.modality, p.image, p.group) for p in plans] == [("image", 0, 0), ("image", 1, 0), ("image", 2, 0)]
     assert all(isinstance(p, GroupPlan) for p in plans)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_llm_space_plans_cover_every_group():
     inputs = tiny_inputs(model, [[2, Image(56, 56), 3, Video(frames=4, height=28, width=56), 2]])
     with attach(model, create_reducer("norm", keep_ratio=0.5), record_plans=True) as handle, torch.no_grad():
         model(**inputs)
-    plans, stats = handle.last_plans, handle.last_prefill
+    plans, stats = handle.last_plans, handle.last_stats
     assert [(p.modality, p.image, p.group) for p in plans] == [("image", 0, 0), ("video", 0, 0), ("video", 0, 1)]
     assert len(plans) == stats.groups
     assert sum(p.reduction.num_kept for p in plans) == stats.kept_visual_tokens
@@ -87,7 +87,7 @@ def test_anyres_vision_plans_are_per_crop():
     inputs = tiny_inputs(model, [[2, Image(56, 56), 3]])
     with attach(model, create_reducer("uniform", num_keep=4), record_plans=True) as handle, torch.no_grad():
         model(**inputs)
-    plans, stats = handle.last_plans, handle.last_prefill
+    plans, stats = handle.last_plans, handle.last_stats
     assert [p.group for p in plans] == list(range(stats.groups)) and {p.image for p in plans} == {0}
     assert all(p.reduction.num_kept == 4 and p.reduction.num_tokens == 16 for p in plans)
     newlines = stats.visual_tokens - 16 * stats.groups  # structural tokens, always kept

@@ -125,7 +125,7 @@ def test_reduced_generate_under_flash_attention_matches_sdpa(simulated_flash, fa
             want = _generate(sdpa, inputs)
         with attach(flash, reducer, space="llm", positions=positions) as handle:
             got = _generate(flash, inputs)
-            assert handle.last_prefill.reduced_length < handle.last_prefill.original_length
+            assert handle.last_stats.reduced_length < handle.last_stats.original_length
         assert torch.equal(got.sequences, want.sequences)
         for a, b in zip(got.logits, want.logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -358,7 +358,7 @@ def test_items_validate_their_sizes():
 
 
 def test_family_of_rejects_other_models():
-    with pytest.raises(ValueError, match="unsupported model class"):
+    with pytest.raises(TypeError, match="unsupported model class"):
         family_of(torch.nn.Linear(1, 1))
 
 

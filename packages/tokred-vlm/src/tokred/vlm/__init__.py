@@ -2,14 +2,16 @@
 
 ``attach(model, reducer)`` makes a LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision (LLaVA-Video) or
 Video-LLaVA model run with fewer visual tokens, through its usual ``model(**inputs)`` and
-``model.generate(**inputs)``; ``ApET`` is the approximation-error reducer of Ma et al. (CVPR 2026).
+``model.generate(**inputs)``; ``ApET`` is the approximation-error reducer of Ma et al. (CVPR 2026). Each model
+family is one adapter in [`tokred.vlm.models`][tokred.vlm.models].
 """
 
 from importlib import metadata as _metadata
 
-from tokred.vlm.apet import ApET
-from tokred.vlm.attachment import Attachment, GroupPlan, PrefillStats, attach
-from tokred.vlm.models import SUPPORTED_MODELS, ModelFamily, supported_model_names
+from tokred.vlm.attachment import Attachment, attach
+from tokred.vlm.methods import ApET
+from tokred.vlm.models import ModelAdapter, available_adapters, register_adapter, supported_model_names
+from tokred.vlm.results import GroupPlan, PrefillStats
 
 try:
     __version__ = _metadata.version("tokred-vlm")
@@ -17,13 +19,14 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "SUPPORTED_MODELS",
     "ApET",
     "Attachment",
     "GroupPlan",
-    "ModelFamily",
+    "ModelAdapter",
     "PrefillStats",
     "__version__",
     "attach",
+    "available_adapters",
+    "register_adapter",
     "supported_model_names",
 ]

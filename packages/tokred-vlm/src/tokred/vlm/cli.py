@@ -1,16 +1,18 @@
 r"""``tokred vlm …``: run a transformers vision-language model on images, dense or with fewer visual tokens.
 
-``tokred vlm generate`` loads a checkpoint (a local folder written by ``save_pretrained`` or a Hugging Face Hub id)
-with ``AutoProcessor`` and ``AutoModelForImageTextToText``, builds the prompt with the processor's chat template,
-attaches a reducer with :func:`tokred.vlm.attach` and prints the answer with the reduction's statistics; with
-``--compare`` it also runs the dense model on the same inputs. ``tokred vlm models`` lists the supported models.
+``tokred vlm generate`` loads a checkpoint — a named one (``llava_scenes``, the reference model of tokred-bench),
+a local folder written by ``save_pretrained`` or a Hugging Face Hub id — with ``AutoProcessor`` and
+``AutoModelForImageTextToText``, builds the prompt with the processor's chat template, attaches a reducer with
+[`tokred.vlm.attach`][tokred.vlm.attach] and prints the answer with the reduction's statistics; with ``--compare``
+it also runs the dense model on the same inputs. ``tokred vlm models`` lists the supported model families and the
+named checkpoints.
 
 Examples::
 
     tokred vlm models
-    tokred vlm generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "Describe the image." --num-keep 64
-    tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --image a.jpg --image b.jpg --prompt "Compare." --compare \
-        --keep-ratio 0.25
+    tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe the image." --num-keep 64 cat.png
+    tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --compare --keep-ratio 0.25 a.jpg b.jpg
+    tokred vlm generate --model llava_scenes --prompt "what color is the circle?" --num-keep 11 scene.png
 
 Without torchvision, transformers cannot build the video processor of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or
 Video-LLaVA; the processor is then loaded without it, which is all ``generate`` needs (it takes images only).
@@ -19,7 +21,6 @@ Video-LLaVA; the processor is then loaded without it, which is all ``generate`` 
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import sys
 import time
@@ -28,11 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokred.core.cli.main import set_command
+from tokred.core.cli.options import add_device_argument, add_reducer_arguments, fraction, positive_int
+from tokred.core.cli.tables import format_table
+from tokred.core.errors import IncompatibleReducerError, InvalidInputError, MissingFileError, TokredError
+
 __all__ = ["register"]
 
-_PREFIX = "tokred vlm"
+_PREFIX = "tokred vlm generate"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+class ModelLoadError(TokredError, OSError):
+    """A model or processor that ``from_pretrained`` could not load; the message says which and why."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = parser.add_subparsers(dest="vlm_command", metavar="COMMAND", required=True)
 
-    models = commands.add_parser("models", help="list the supported model classes and their defaults")
-    models.set_defaults(func=_run_models)
+    models = commands.add_parser(
+        "models",
+        help="list the supported model families and the named checkpoints",
+        description="List the model families attach() supports, with their defaults, and the named checkpoints.",
+    )
+    set_command(models, _run_models)
 
     generate = commands.add_parser(
         "generate",
@@ -57,30 +71,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Answer a prompt about one or more images with greedy decoding, dense or with fewer visual "
         "tokens, and print the answer with the reduction's statistics.",
     )
-    generate.add_argument("--model", required=True, help="local folder (save_pretrained) or Hugging Face Hub id")
     generate.add_argument(
-        "--image", action="append", required=True, metavar="FILE", help="image file; repeat for several images"
+        "--model", required=True, metavar="MODEL", help="named checkpoint (see `tokred vlm models`), folder or Hub id"
+    )
+    generate.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    generate.add_argument(
+        "--image", action="append", default=[], metavar="FILE", help="an image file; repeatable (or give them as IMAGE)"
     )
     generate.add_argument("--prompt", required=True, help="the question or instruction")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
-    generate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    add_device_argument(generate)
     generate.add_argument("--dtype", default="auto", choices=_DTYPES, help="parameter dtype (default: auto)")
     generate.add_argument(
         "--attn-implementation", default=None, choices=_ATTENTION, help="attention kernel (default: the model's)"
     )
     group = generate.add_argument_group("token reduction")
-    group.add_argument("--reducer", default="apet", help="reducer name (apet, random, …) or 'none' (default: apet)")
+    add_reducer_arguments(group, default="apet")
     budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--num-keep", type=_positive_int, default=None, help="visual tokens kept per image/crop/frame")
-    budget.add_argument("--keep-ratio", type=float, default=None, help="fraction of each group's tokens kept")
-    group.add_argument(
-        "--reducer-arg",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="reducer hyper-parameter, e.g. num_basis=16 or variant=reference; repeatable",
+    budget.add_argument(
+        "--num-keep", type=positive_int, default=None, help="visual tokens kept per image, crop or frame"
     )
+    budget.add_argument("--keep-ratio", type=fraction, default=None, help="fraction of each group's tokens kept")
     group.add_argument(
         "--space", default=None, choices=["vision", "llm"], help="where the reducer runs (default: the family's)"
     )
@@ -90,94 +101,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["original", "compact"],
         help="positions of the kept tokens (default: the family's)",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed for stochastic reducers (default 0)")
     group.add_argument(
         "--compare",
         action="store_true",
         help="also run the dense model and print both answers and timings (after one untimed warm-up step)",
     )
-    generate.set_defaults(func=_run_generate)
-
-
-# -- argument types --------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """Parse ``KEY=VALUE``; the value is a Python literal (``16``, ``0.5``, ``true``, ``None``) or a string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    lowered = raw.strip().lower()
-    if lowered in ("true", "false", "none"):
-        return key, {"true": True, "false": False, "none": None}[lowered]
-    try:
-        return key, ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
-        return key, raw
-
-
-def _fail(message: str) -> SystemExit:
-    """A one-line error for ``raise``: the interpreter prints it to stderr and exits with status 1."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return SystemExit(f"{_PREFIX}: {' '.join(lines)}")
+    set_command(generate, _run_generate)
 
 
 # -- tokred vlm models -----------------------------------------------------------------------------------------
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from tokred.vlm.models import SUPPORTED_MODELS
+    from tokred.vlm.checkpoints import CHECKPOINTS
+    from tokred.vlm.models import available_adapters
 
-    rows = [("family", "model", "class", "inputs", "space", "positions")]
-    for family in SUPPORTED_MODELS:
-        spaces = [family.default_space] + [s for s in ("vision", "llm") if s != family.default_space]
-        space = "|".join(spaces if family.vision_space else ["llm"])
-        inputs = "+".join(family.modalities)
-        for name in family.class_names:
-            rows.append((family.name, family.title, name, inputs, space, family.default_positions))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    rows = []
+    for adapter in available_adapters():
+        spaces = [adapter.default_space] + [s for s in ("vision", "llm") if s != adapter.default_space]
+        space = "|".join(spaces if adapter.vision_space_refusal is None else ["llm"])
+        inputs = "+".join(adapter.modalities)
+        for name in adapter.model_classes:
+            rows.append([adapter.name, adapter.title, name, inputs, space, adapter.default_positions])
+    print(format_table(["family", "model", "class", "inputs", "space", "positions"], rows), end="")
     print(
         "\nspace: where the reducer can run, the default first; positions: the default. The defaults are those of "
         "ApET's released code; `tokred vlm generate --space/--positions` override them."
     )
+    entries = {entry.name: entry for entry in CHECKPOINTS.entries()}
+    if entries:
+        named = []
+        for name, entry in entries.items():
+            doc = (getattr(CHECKPOINTS.get(name), "__doc__", "") or "").strip().splitlines()
+            named.append([name, entry.distribution or "-", doc[0] if doc else ""])
+        print("\nnamed checkpoints (tokred vlm generate --model NAME):\n")
+        print(format_table(["name", "package", "description"], named), end="")
     return 0
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
 
 
+def _resolve_model(model_id: str) -> str:
+    """A named checkpoint's folder, or the id itself; a local path that does not exist fails early."""
+    from tokred.vlm.checkpoints import resolve_model
+
+    resolved = resolve_model(model_id)
+    path = Path(resolved).expanduser()
+    looks_local = path.is_absolute() or resolved.startswith((".", "~")) or resolved.count("/") > 1 or path.exists()
+    if looks_local and path.is_file():
+        raise MissingFileError(f"--model {model_id}: is a file; give a checkpoint folder (save_pretrained) or a Hub id")
+    if looks_local and not path.is_dir():
+        raise MissingFileError(f"model folder not found: {model_id}")
+    return resolved
+
+
 def _load_processor(model_id: str) -> Any:
-    """The model's processor, or a one-line error and exit."""
+    """The model's processor."""
     from tokred.vlm.processors import load_processor
 
     try:
         return load_processor(model_id, warn=lambda note: print(f"{_PREFIX}: {note}", file=sys.stderr))
     except (OSError, ValueError) as error:
-        raise _fail(str(error)) from None
+        if isinstance(error, TokredError):
+            raise
+        raise ModelLoadError(str(error)) from error
 
 
-def _check_model_path(model_id: str) -> None:
-    """Fail early on a local path that does not exist (a Hub id is ``name`` or ``owner/name``)."""
-    path = Path(model_id).expanduser()
-    looks_local = path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise _fail(f"model folder not found: {model_id}")
-
-
-def _load_model(args: argparse.Namespace) -> Any:
+def _load_model(args: argparse.Namespace, model_id: str) -> Any:
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -185,24 +176,28 @@ def _load_model(args: argparse.Namespace) -> Any:
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
-        return model.to(torch.device(args.device)).eval()
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        return model.to(args.device).eval()
     except Exception as exc:
-        raise _fail(f"cannot load the model {args.model}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the model {args.model}: {type(exc).__name__}: {exc}") from exc
 
 
 def _load_images(paths: Sequence[str]) -> list[Any]:
     from PIL import Image, UnidentifiedImageError
 
+    if not paths:
+        raise InvalidInputError("give at least one image file (IMAGE or --image FILE)")
     images = []
     for path in paths:
+        if Path(path).is_dir():
+            raise MissingFileError(f"{path} is a folder, not an image file")
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except FileNotFoundError:
-            raise _fail(f"image file not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise _fail(f"cannot read image {path}: {exc}") from None
+            raise MissingFileError(f"image file not found: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise InvalidInputError(f"cannot read image {path}: {exc}") from None
     return images
 
 
@@ -215,22 +210,22 @@ def _build_reducer(args: argparse.Namespace) -> Any | None:
     extra = dict(args.reducer_arg)
     if dense:
         if budget or extra or args.compare:
-            raise _fail("--num-keep / --keep-ratio / --reducer-arg / --compare need a reducer (not --reducer none)")
+            raise InvalidInputError(
+                "--num-keep / --keep-ratio / --reducer-arg / --compare need a reducer (not --reducer none)"
+            )
         return None
     if not budget:
-        raise _fail(f"--reducer {args.reducer} needs --num-keep or --keep-ratio (or --reducer none for a dense run)")
+        raise InvalidInputError(
+            f"--reducer {args.reducer} needs --num-keep or --keep-ratio (or --reducer none for a dense run)"
+        )
     clash = sorted({"num_keep", "keep_ratio", "num_remove"} & extra.keys())
     if clash:
-        raise _fail(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
-    import tokred.vlm  # noqa: F401  (registers "apet")
+        raise IncompatibleReducerError(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
     from tokred.core import create_reducer, get_reducer_class
 
-    try:
-        if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
-            extra["seed"] = args.seed
-        return create_reducer(args.reducer, **budget, **extra)
-    except (LookupError, ImportError, TypeError, ValueError) as exc:
-        raise _fail(f"reducer {args.reducer!r}: {exc}") from None
+    if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
+        extra["seed"] = args.seed
+    return create_reducer(args.reducer, **budget, **extra)
 
 
 # -- prompt and run --------------------------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def _inputs(processor: Any, model: Any, images: list[Any], prompt: str) -> dict[
     try:
         batch = processor(text=[text], images=[images], return_tensors="pt", **options)
     except Exception as exc:
-        raise _fail(f"the processor could not prepare the inputs: {type(exc).__name__}: {exc}") from exc
+        raise InvalidInputError(f"the processor could not prepare the inputs: {type(exc).__name__}: {exc}") from exc
     device, dtype = model.device, model.dtype
     return {
         key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
@@ -293,7 +288,7 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], max_new_tokens
     seconds = time.perf_counter() - start
     new = output[:, input_ids.shape[1] :]
     text = processor.batch_decode(new, skip_special_tokens=True)[0].strip()
-    prefill = handle.last_prefill if handle is not None else None
+    prefill = handle.last_stats if handle is not None else None
     return _Run(text, int(new.shape[1]), seconds, prefill, int(input_ids.shape[1]), _visual_tokens(model, input_ids))
 
 
@@ -318,12 +313,33 @@ def _label(args: argparse.Namespace, handle: Any) -> str:
     return f"{args.reducer} ({budget}{extra}; {handle.space} space, {handle.positions} positions)"
 
 
+def _check_family(model_id: str, args: argparse.Namespace) -> None:
+    """Refuse a model family or options that cannot run, from the checkpoint's config, before loading weights."""
+    from transformers import AutoConfig
+
+    from tokred.vlm.models import available_adapters
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the config of {args.model}: {type(exc).__name__}: {exc}") from exc
+    architectures = set(getattr(config, "architectures", None) or ())
+    adapter = next((a for a in available_adapters() if architectures & set(a.model_classes)), None)
+    if adapter is None:
+        return  # attach() names the supported classes once the model is built
+    space = args.space or adapter.default_space
+    positions = args.positions or adapter.default_positions
+    adapter.check_options(space, positions, "frame")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     reducer = _build_reducer(args)  # argument errors first, before anything is loaded
-    images = _load_images(args.image)
-    _check_model_path(args.model)
-    processor = _load_processor(args.model)
-    model = _load_model(args)
+    images = _load_images([*args.images, *args.image])
+    model_id = _resolve_model(args.model)
+    if reducer is not None:
+        _check_family(model_id, args)
+    processor = _load_processor(model_id)
+    model = _load_model(args, model_id)
     inputs = _inputs(processor, model, images, args.prompt)
 
     if reducer is None:
@@ -334,10 +350,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from tokred.vlm import attach
 
-    try:
-        handle = attach(model, reducer, space=args.space, positions=args.positions)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise _fail(str(exc)) from None
+    handle = attach(model, reducer, space=args.space, positions=args.positions)  # refusals before any run
     handle.detach()  # attached again for the reduced run; the dense one runs on the untouched model
     dense = None
     if args.compare:
@@ -346,7 +359,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     with attach(model, reducer, space=args.space, positions=args.positions) as handle:
         reduced = _generate(model, processor, inputs, args.max_new_tokens, handle)
     if reduced.prefill is None:
-        raise _fail("the reducer did not run: the model encoded no visual tokens")
+        raise InvalidInputError("the reducer did not run: the model encoded no visual tokens")
     label = _label(args, handle)
     if dense is None:
         print(reduced.text)
@@ -357,17 +370,3 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(_stats("dense", dense))
     print(_stats(args.reducer, reduced, dense))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m`
-    """Run ``tokred vlm …`` directly.
-
-    Args:
-        argv: Arguments after ``tokred vlm``; default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    from tokred.core.cli import main as tokred_main
-
-    return tokred_main(["vlm", *(argv if argv is not None else sys.argv[1:])])

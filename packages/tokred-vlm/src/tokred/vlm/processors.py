@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tokred.core.errors import InvalidInputError
+
 __all__ = ["images_only", "load_processor"]
 
 
@@ -41,7 +43,7 @@ def images_only(cls: type) -> type:
             named = dict(zip(full, args, strict=False))
             video = named.pop("video_processor", None)
             if kwargs.pop("video_processor", None) is not None or video is not None:
-                raise ValueError(f"this {cls.__name__} is images-only; it takes no video processor")
+                raise InvalidInputError(f"this {cls.__name__} is images-only; it takes no video processor")
             super().__init__(**named, **kwargs)
 
     def get_attributes(klass: type) -> list[str]:
@@ -75,7 +77,7 @@ def load_processor(model_id: str, *, warn: Callable[[str], None] | None = None) 
         The processor.
 
     Raises:
-        ValueError: If no processor can be loaded; the message carries the original error.
+        InvalidInputError: If no processor can be loaded; the message carries the original error.
     """
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
@@ -102,4 +104,4 @@ def load_processor(model_id: str, *, warn: Callable[[str], None] | None = None) 
                         "(images work, videos would not)"
                     )
                 return processor
-    raise ValueError(f"cannot load the processor of {model_id}: {type(error).__name__}: {error}")
+    raise InvalidInputError(f"cannot load the processor of {model_id}: {type(error).__name__}: {error}")

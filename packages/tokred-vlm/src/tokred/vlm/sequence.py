@@ -12,6 +12,8 @@ import itertools
 
 import torch
 
+from tokred.core.errors import UnsupportedError
+
 __all__ = [
     "compact_positions",
     "decode_positions",
@@ -71,7 +73,7 @@ def padding_mask_from(attention_mask: object, batch: int, length: int, device: t
             return torch.ones((batch, length), dtype=torch.bool, device=device)
         attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values())))
     if not isinstance(attention_mask, torch.Tensor):
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"tokred.vlm cannot read an attention mask of type {type(attention_mask).__name__}; "
             "use attn_implementation 'eager', 'sdpa' or 'flash_attention_2' with a 2-D attention_mask"
         )
@@ -82,7 +84,7 @@ def padding_mask_from(attention_mask: object, batch: int, length: int, device: t
         if last_row.dtype == torch.bool:
             return last_row.to(device)
         return (last_row == 0).to(device)  # additive float mask: 0 where attending
-    raise NotImplementedError(f"tokred.vlm cannot read an attention mask of shape {tuple(attention_mask.shape)}")
+    raise UnsupportedError(f"tokred.vlm cannot read an attention mask of shape {tuple(attention_mask.shape)}")
 
 
 def compact_positions(

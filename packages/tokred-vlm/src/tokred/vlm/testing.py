@@ -81,6 +81,7 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches, select_best_resolution
 
+from tokred.core.errors import InvalidInputError, InvalidTypeError
 from tokred.vlm._tokenizers import word_level_tokenizer
 
 __all__ = [
@@ -107,6 +108,7 @@ __all__ = [
     "tiny_inputs",
     "tiny_model",
     "tiny_processor",
+    "word_level_tokenizer",
 ]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "video_llava")
@@ -204,12 +206,12 @@ def _check_positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+            raise InvalidInputError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def _check_family(family: str) -> str:
     if family not in MODEL_CLASSES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InvalidInputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return family
 
 
@@ -393,18 +395,18 @@ def family_of(model: PreTrainedModel) -> str:
     """Return the family name of a model built from one of the supported classes.
 
     Args:
-        model: A model whose class is (a subclass of) one of :data:`MODEL_CLASSES`.
+        model: A model whose class is (a subclass of) one of [`MODEL_CLASSES`][tokred.vlm.testing.MODEL_CLASSES].
 
     Returns:
         The family name.
 
     Raises:
-        ValueError: If the model's class is not supported.
+        InvalidTypeError: If the model's class is not supported.
     """
     for family, cls in MODEL_CLASSES.items():
         if isinstance(model, cls):
             return family
-    raise ValueError(f"unsupported model class {type(model).__name__}; expected one of {FAMILIES}")
+    raise InvalidTypeError(f"unsupported model class {type(model).__name__}; expected one of {FAMILIES}")
 
 
 # -- placeholder counts ----------------------------------------------------------------------------------------
@@ -448,20 +450,24 @@ def _anyres_tokens(config: PreTrainedConfig, height: int, width: int, max_patche
 
 def _check_item(family: str, config: PreTrainedConfig, item: Image | Video) -> None:
     if isinstance(item, Video) and family in ("llava", "llava_next"):
-        raise ValueError(f"family {family!r} has no video input; Video items need one of {_video_families()}")
+        raise InvalidInputError(f"family {family!r} has no video input; Video items need one of {_video_families()}")
     if family in ("qwen2_vl", "qwen2_5_vl"):
         vc = config.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
         if item.height % unit or item.width % unit:
-            raise ValueError(f"{family}: height and width must be multiples of {unit} (patch x merge), got {item}")
+            raise InvalidInputError(
+                f"{family}: height and width must be multiples of {unit} (patch x merge), got {item}"
+            )
         if isinstance(item, Video) and item.frames % vc.temporal_patch_size:
-            raise ValueError(f"{family}: video frames must be a multiple of {vc.temporal_patch_size}, got {item}")
+            raise InvalidInputError(
+                f"{family}: video frames must be a multiple of {vc.temporal_patch_size}, got {item}"
+            )
         return
     size = config.vision_config.image_size
     fixed = family in ("llava", "video_llava") or isinstance(item, Video)
     if fixed and (item.height != size or item.width != size):
         what = "video frames" if isinstance(item, Video) else "images"
-        raise ValueError(f"{family}: {what} must be {size} x {size} (the vision image_size), got {item}")
+        raise InvalidInputError(f"{family}: {what} must be {size} x {size} (the vision image_size), got {item}")
 
 
 def _video_families() -> tuple[str, ...]:
@@ -491,7 +497,7 @@ def placeholder_count(model: PreTrainedModel, item: Image | Video, *, multi_imag
     family = family_of(model)
     config = model.config
     if not isinstance(item, (Image, Video)):
-        raise TypeError(f"item must be an Image or a Video, got {item!r}")
+        raise InvalidTypeError(f"item must be an Image or a Video, got {item!r}")
     _check_item(family, config, item)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         vc = config.vision_config
@@ -535,16 +541,16 @@ def placeholder_counts(model: PreTrainedModel, rows: Sequence[Sequence[Item]]) -
 
 def _check_rows(rows: Sequence[Sequence[Item]]) -> list[list[Item]]:
     if isinstance(rows, (Image, Video, int)) or not len(rows):
-        raise ValueError("rows must be a non-empty list of rows (lists of items)")
+        raise InvalidInputError("rows must be a non-empty list of rows (lists of items)")
     out = []
     for row in rows:
         if isinstance(row, (Image, Video, int)):
-            raise ValueError(f"each row must be a list of items, got {row!r}; wrap a single row as [[...]]")
+            raise InvalidInputError(f"each row must be a list of items, got {row!r}; wrap a single row as [[...]]")
         for it in row:
             if isinstance(it, bool) or not isinstance(it, (int, Image, Video)):
-                raise TypeError(f"an item must be an int, Image or Video, got {it!r}")
+                raise InvalidTypeError(f"an item must be an int, Image or Video, got {it!r}")
             if isinstance(it, int) and it < 0:
-                raise ValueError(f"a text item must be >= 0 tokens, got {it}")
+                raise InvalidInputError(f"a text item must be >= 0 tokens, got {it}")
         out.append(list(row))
     return out
 
@@ -589,7 +595,7 @@ def tiny_inputs(
         ValueError: On an unknown padding side, an empty batch, or an item the family does not accept.
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise InvalidInputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     family = family_of(model)
     config = model.config
     rows = _check_rows(rows)
@@ -599,7 +605,9 @@ def tiny_inputs(
     video_id = config.video_token_id if family in _video_families() else None
     video_frames = {v.frames for row in rows for v in row if isinstance(v, Video)}
     if not qwen and len(video_frames) > 1:
-        raise ValueError(f"{family}: all videos of a batch must have the same number of frames, got {video_frames}")
+        raise InvalidInputError(
+            f"{family}: all videos of a batch must have the same number of frames, got {video_frames}"
+        )
     gen = torch.Generator().manual_seed(seed)
     dtype, device = model.dtype, model.device
 

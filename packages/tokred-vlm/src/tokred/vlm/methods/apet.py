@@ -30,13 +30,19 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from tokred.core import Reducer, Reduction, register_reducer, select_top
+from tokred.core.errors import InvalidInputError
 from tokred.core.ops import (
     assign_to_nearest,
+    compute_dtype,
     farthest_point_sampling,
     gather_tokens,
+    make_generator,
+    mask_to_indices,
     merge_weights,
     projection_residual,
+    rank,
     scatter_merge,
+    uniform_noise,
 )
 
 if TYPE_CHECKING:
@@ -53,13 +59,13 @@ _VARIANTS = ("paper", "reference")
 def _choice(name: str, value: object, valid: tuple[str, ...]) -> str:
     if value not in valid:
         listed = ", ".join(repr(v) for v in valid)
-        raise ValueError(f"{name} must be one of {listed}; got {value!r}")
+        raise InvalidInputError(f"{name} must be one of {listed}; got {value!r}")
     return str(value)
 
 
 def _integer(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+        raise InvalidInputError(f"{name} must be an int >= {minimum}; got {value!r}")
     return int(value)
 
 
@@ -130,7 +136,7 @@ class ApET(Reducer):
 
     Example:
         >>> import torch
-        >>> from tokred.vlm.apet import ApET
+        >>> from tokred.vlm import ApET
         >>> tokens = torch.randn(2, 576, 64, generator=torch.Generator().manual_seed(0))  # (B, N, C)
         >>> reduction = ApET(num_keep=64)(tokens)
         >>> reduction.tokens.shape  # (B, K, C)
@@ -158,18 +164,18 @@ class ApET(Reducer):
         super().__init__(**budget)
         self.num_basis = _integer("num_basis", num_basis, 1)
         if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not math.isfinite(ridge) or ridge < 0:
-            raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}")
+            raise InvalidInputError(f"ridge must be a finite number >= 0; got {ridge!r}")
         self.ridge = float(ridge)
         self.basis = _choice("basis", basis, _BASES)
         self.fps_start = _integer("fps_start", fps_start, 0)
         if not isinstance(merge, bool):
-            raise ValueError(f"merge must be True or False; got {merge!r}")
+            raise InvalidInputError(f"merge must be True or False; got {merge!r}")
         self.merge = merge
         self.variant = _choice("variant", variant, _VARIANTS)
         if seed is not None:
             seed = _integer("seed", seed, 0)
         self.seed = seed
-        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self._generator = make_generator(seed)
 
     def reduce(
         self,
@@ -194,7 +200,9 @@ class ApET(Reducer):
         """
         num_tokens = tokens.shape[1]
         if self.basis == "fps" and self.fps_start >= num_tokens:
-            raise ValueError(f"fps_start={self.fps_start} is out of range for a token set of N={num_tokens} tokens")
+            raise InvalidInputError(
+                f"fps_start={self.fps_start} is out of range for a token set of N={num_tokens} tokens"
+            )
         free = ~protected
         # Budget left after protected tokens, then the basis size of each row: at least one target remains.
         free_budget = num_keep - protected.sum(dim=1)  # (B,)
@@ -222,7 +230,7 @@ class ApET(Reducer):
             picks = farthest_point_sampling(tokens, num_picks, start=start, valid=valid)  # (B, k)
         else:
             # Same scheme as the `random` reducer: draws on the CPU from the reducer's own generator.
-            noise = torch.rand((batch, num_tokens), generator=self._generator).to(device)  # (B, N) in [0, 1)
+            noise = uniform_noise((batch, num_tokens), generator=self._generator, device=device)  # (B, N) in [0, 1)
             noise = noise.masked_fill(~free, -1.0)
             picks = torch.sort(noise, dim=1, descending=True, stable=True).indices[:, :num_picks]
             picks = picks.masked_fill(~free.gather(1, picks), -1)
@@ -233,8 +241,7 @@ class ApET(Reducer):
         """Approximation error ``(B, N)`` of every token by the basis at ``picks`` (fp32; fp64 for fp64)."""
         if picks.shape[1] == 0:
             # The projection onto an empty basis is zero: the residual is the token itself.
-            dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-            return tokens.to(dtype).norm(dim=-1)
+            return tokens.to(compute_dtype(tokens)).norm(dim=-1)
         # Rows with fewer basis tokens pad with zero vectors: with a ridge their coefficients are exactly 0,
         # without one the solve's pseudo-inverse fallback gives them 0 too, so residuals are unchanged.
         basis = gather_tokens(tokens, picks.clamp_min(0))  # (B, k, C)
@@ -274,12 +281,11 @@ class ApET(Reducer):
         positions = torch.arange(num_tokens, device=device).expand(batch, -1)  # (B, N)
 
         # idx = topk(e, K), descending, ties to the lower position; protected tokens rank first of all.
-        order = torch.sort(residual.masked_fill(protected, float("inf")), dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, N)
-        in_top = rank < num_keep
-        is_target = rank < (num_keep - num_basis).unsqueeze(1)  # idx[:-k]
+        ranks = rank(residual.masked_fill(protected, float("inf")))  # (B, N), 0 = highest residual
+        in_top = ranks < num_keep
+        is_target = ranks < (num_keep - num_basis).unsqueeze(1)  # idx[:-k]
         overwritten = in_top & ~is_target  # idx[-k:]
-        kept = torch.nonzero(in_top)[:, 1].reshape(batch, num_keep)  # (B, K), row-major so ascending
+        kept = mask_to_indices(in_top, num_keep)  # (B, K) ascending
         slot_of = torch.full((batch, num_tokens), -1, dtype=torch.long, device=device)
         slot_of.scatter_(1, kept, torch.arange(num_keep, device=device).expand(batch, -1))
 
