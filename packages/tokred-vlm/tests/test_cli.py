@@ -17,8 +17,8 @@ from tokred.core.cli import main
 from tokred.vlm import ApET, attach, supported_model_names
 from tokred.vlm.testing import FAMILIES, tiny_config, tiny_model, tiny_processor
 
-REDUCED = re.compile(r"visual tokens kept (\d+)/(\d+), prefill (\d+) -> (\d+) tokens, (\d+) new tokens in [\d.]+ s")
-DENSE = re.compile(r"dense: (\d+) visual tokens, prefill (\d+) tokens, (\d+) new tokens in [\d.]+ s")
+REDUCED = re.compile(r"visual tokens kept (\d+)/(\d+), prefill (\d+) -> (\d+) tokens, (\d+) new tokens? in [\d.]+ s")
+DENSE = re.compile(r"dense: (\d+) visual tokens, prefill (\d+) tokens, (\d+) new tokens? in [\d.]+ s")
 VIDEO_CLASSES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "video_llava")
 
 
@@ -166,6 +166,21 @@ def test_compare_prints_both_answers_and_both_timings(checkpoint, image_file, ca
     assert plain.splitlines()[0] == dense_text
 
 
+def test_answer_length_defaults_to_the_checkpoints_generation_config(checkpoint, image_file, tmp_path, capsys):
+    folder = tmp_path / "short-answers"
+    shutil.copytree(checkpoint("llava"), folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    model.generation_config.max_new_tokens = 2
+    model.generation_config.eos_token_id = None  # so the count is the limit, not an early stop
+    model.generation_config.save_pretrained(folder)
+    short = DENSE.search(run_cli(generate_argv(folder, image_file, "--reducer", "none"), capsys).out)
+    assert int(short.group(3)) == 2
+    longer = DENSE.search(
+        run_cli(generate_argv(folder, image_file, "--reducer", "none", "--max-new-tokens", "5"), capsys).out
+    )
+    assert int(longer.group(3)) == 5
+
+
 def test_dense_run_reports_the_full_prefill(checkpoint, image_file, capsys):
     out = run_cli(
         generate_argv(checkpoint("llava"), image_file, "--reducer", "none", "--max-new-tokens", "3"), capsys
@@ -257,8 +272,9 @@ def one_line_error(argv, capsys):
         (("--reducer", "topk", "--num-keep", "4"), "'caller' scores, which tokred.vlm does not supply"),
     ],
 )
-def test_argument_errors_are_one_line(checkpoint, image_file, capsys, extra, match):
-    assert re.search(match, one_line_error(generate_argv(checkpoint("llava"), image_file, *extra), capsys))
+def test_argument_errors_are_one_line_and_come_before_any_loading(tmp_path, image_file, capsys, extra, match):
+    # No model folder exists: were any of these found only after loading, the error would be about the model.
+    assert re.search(match, one_line_error(generate_argv(tmp_path / "never-loaded", image_file, *extra), capsys))
 
 
 def test_missing_and_unreadable_images(checkpoint, tmp_path, capsys):

@@ -261,6 +261,21 @@ class Attachment:
         self._calls.visual = None
 
 
+def _check_reducer(reducer: Reducer) -> None:
+    """Refuse a reducer no model can run under tokred.vlm, before any model is touched (the CLI asks early)."""
+    if reducer.needs_scores is not None:
+        raise IncompatibleReducerError(
+            f"{type(reducer).__name__} ranks tokens by {reducer.needs_scores!r} scores, which tokred.vlm does not "
+            "supply (it asks the model for no attention weights or other scores); use a reducer that needs none, "
+            "such as ApET"
+        )
+    if reducer.budget is None:
+        raise IncompatibleReducerError(
+            f"{reducer!r} has no budget; give it one, e.g. {type(reducer).__name__}(num_keep=64) or keep_ratio=0.25: "
+            "every image, crop or frame keeps that many of its visual tokens"
+        )
+
+
 def _resolve_reducer(reducer: Any, config: dict[str, Any]) -> Reducer:
     if isinstance(reducer, type):
         name = getattr(reducer, "name", "") or ""
@@ -301,7 +316,7 @@ def attach(
     newlines, Video-LLaVA's per-frame class token, LLaVA-OneVision's video newline — are always kept and not
     counted. Nothing asks for attention weights, so every attention implementation works.
 
-    Example:
+    Examples:
         ```python
         from tokred.vlm import ApET, attach
 
@@ -340,17 +355,7 @@ def attach(
     """
     adapter = adapter_class_for(model)(model)
     built = _resolve_reducer(reducer, reducer_config)
-    if built.needs_scores is not None:
-        raise IncompatibleReducerError(
-            f"{type(built).__name__} ranks tokens by {built.needs_scores!r} scores, which tokred.vlm does not supply "
-            "(it asks the model for no attention weights or other scores); use a reducer that needs none, such as "
-            "ApET"
-        )
-    if built.budget is None:
-        raise IncompatibleReducerError(
-            f"{built!r} has no budget; give it one, e.g. {type(built).__name__}(num_keep=64) or keep_ratio=0.25: "
-            "every image, crop or frame keeps that many of its visual tokens"
-        )
+    _check_reducer(built)
     space = space or adapter.default_space
     positions = positions or adapter.default_positions
     if space not in ("vision", "llm"):

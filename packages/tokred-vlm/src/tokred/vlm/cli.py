@@ -7,12 +7,14 @@ a local folder written by ``save_pretrained`` or a Hugging Face Hub id — with 
 it also runs the dense model on the same inputs. ``tokred vlm models`` lists the supported model families and the
 named checkpoints.
 
-Examples::
+A few commands:
 
-    tokred vlm models
-    tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe the image." --num-keep 64 cat.png
-    tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --compare --keep-ratio 0.25 a.jpg b.jpg
-    tokred vlm generate --model llava_scenes --prompt "what color is the circle?" --num-keep 11 scene.png
+```bash
+tokred vlm models
+tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe the image." --num-keep 64 cat.png
+tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --compare --keep-ratio 0.25 a.jpg b.jpg
+tokred vlm generate --model llava_scenes --prompt "what color is the circle?" --num-keep 11 scene.png
+```
 
 Without torchvision, transformers cannot build the video processor of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or
 Video-LLaVA; the processor is then loaded without it, which is all ``generate`` needs (it takes images only).
@@ -79,7 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--image", action="append", default=[], metavar="FILE", help="an image file; repeatable (or give them as IMAGE)"
     )
     generate.add_argument("--prompt", required=True, help="the question or instruction")
-    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    generate.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="most tokens to generate (default: the checkpoint's generation config, else 64)",
+    )
     add_device_argument(generate)
     generate.add_argument("--dtype", default="auto", choices=_DTYPES, help="parameter dtype (default: auto)")
     generate.add_argument(
@@ -223,9 +230,13 @@ def _build_reducer(args: argparse.Namespace) -> Any | None:
         raise IncompatibleReducerError(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
     from tokred.core import create_reducer, get_reducer_class
 
+    from tokred.vlm.attachment import _check_reducer
+
     if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
         extra["seed"] = args.seed
-    return create_reducer(args.reducer, **budget, **extra)
+    reducer = create_reducer(args.reducer, **budget, **extra)
+    _check_reducer(reducer)  # before minutes of loading, not after
+    return reducer
 
 
 # -- prompt and run --------------------------------------------------------------------------------------------
@@ -278,6 +289,14 @@ def _visual_tokens(model: Any, input_ids: Any) -> int:
     return sum(int((input_ids == i).sum()) for i in ids if isinstance(i, int))
 
 
+def _max_new_tokens(model: Any, requested: int | None) -> int:
+    # A checkpoint trained for short answers says so in its generation config; 64 suits chat models.
+    if requested is not None:
+        return requested
+    configured = getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
+    return configured if isinstance(configured, int) and configured > 0 else 64
+
+
 def _generate(model: Any, processor: Any, inputs: dict[str, Any], max_new_tokens: int, handle: Any = None) -> _Run:
     import torch
 
@@ -301,7 +320,7 @@ def _stats(label: str, run: _Run, dense: _Run | None = None) -> str:
             f"{label}: visual tokens kept {p.kept_visual_tokens}/{p.visual_tokens}, "
             f"prefill {p.original_length} -> {p.reduced_length} tokens"
         )
-    line += f", {run.new_tokens} new tokens in {run.seconds:.2f} s"
+    line += f", {run.new_tokens} new token{'' if run.new_tokens == 1 else 's'} in {run.seconds:.2f} s"
     if dense is not None and run.seconds > 0:
         line += f" ({dense.seconds / run.seconds:.2f}x the dense speed)"
     return line
@@ -341,6 +360,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     processor = _load_processor(model_id)
     model = _load_model(args, model_id)
     inputs = _inputs(processor, model, images, args.prompt)
+    args.max_new_tokens = _max_new_tokens(model, args.max_new_tokens)
 
     if reducer is None:
         dense = _generate(model, processor, inputs, args.max_new_tokens)
