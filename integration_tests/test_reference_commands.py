@@ -8,8 +8,10 @@ from tokred.core.cli import main
 def test_demo_runs_both_reference_models_and_draws_their_plans(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--no-progress", "--limit", "16", "--scenes", "2", "--eval-scenes", "16"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "LLaVA" in out and "Vim" in out
+    assert "Loading weights" not in captured.err, "--no-progress silences transformers' loading bar too"
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pictures == [
         "mamba-mtr.png",

@@ -10,6 +10,7 @@ from tokred.bench.visualize import (
     KEPT,
     MERGED,
     cluster_colors,
+    draw_legend,
     draw_reduction,
     image_to_pil,
     patch_states,
@@ -219,6 +220,36 @@ def test_tile_pictures_places_each_picture():
         tile_pictures([], columns=1)
     with pytest.raises(InvalidInputError):
         tile_pictures([a], columns=0)
+
+
+def test_a_footer_goes_once_under_the_grid_at_the_left():
+    a = Image.new("RGB", (3, 2), (10, 10, 10))
+    wide = Image.new("RGB", (20, 3), (40, 40, 40))
+    grid = tile_pictures([a, a], columns=2, padding=1, background=(0, 0, 0))
+    with_footer = tile_pictures([a, a], columns=2, padding=1, background=(0, 0, 0), footer=wide)
+    assert with_footer.size == (1 + 20 + 1, grid.height + 3 + 1)
+    pixels = _pixels(with_footer)
+    assert (pixels[: grid.height, : grid.width] == _pixels(grid)).all()
+    assert (pixels[grid.height : grid.height + 3, 1:21] == 40).all()
+    with pytest.raises(InvalidTypeError):
+        tile_pictures([a], columns=1, footer=torch.zeros(2, 2, 3))
+
+
+def test_the_legend_alone_is_the_key_drawn_under_a_single_drawing():
+    image, reduction = torch.rand(3, 16, 16), _plan(*PLAN)
+    key = draw_legend(padding=0)
+    assert key.mode == "RGB" and key.height > 4 * 22
+    assert draw_legend(padding=5).size == (key.width + 10, key.height + 10)
+    with_key = _pixels(draw_reduction(image, reduction, grid=(2, 2), scale=4))
+    bare = draw_reduction(image, reduction, grid=(2, 2), scale=4, legend=False)
+    expected = _pixels(key)
+    found = any(
+        (with_key[y : y + key.height, 10 : 10 + key.width] == expected).all()
+        for y in range(bare.height, with_key.shape[0] - key.height + 1)
+    )
+    assert found, "draw_reduction's legend is draw_legend's picture"
+    with pytest.raises(InvalidInputError):
+        draw_legend(padding=-1)
 
 
 def test_cluster_colours_are_distinct_and_saturated():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import platform
 import shlex
@@ -101,6 +102,11 @@ def _progress_factory(enabled: bool) -> ProgressFactory:
         from tqdm.auto import tqdm
     except ImportError as error:  # pragma: no cover - a declared dependency
         raise MissingDependencyError("tokred bench and tokred demo need tqdm: pip install tqdm") from error
+    if not enabled and importlib.util.find_spec("transformers") is not None:
+        # Without this, loading the reference LLaVA still draws transformers' own "Loading weights" bar.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     return functools.partial(tqdm, disable=not enabled, leave=False, dynamic_ncols=True)
 
 

@@ -14,7 +14,7 @@ same way the image does:
 Frames and marks are drawn inside each patch, so neighbouring patches stay apart. A title above, caption lines
 below and a legend of the four kinds can be added around the drawing.
 
-Example:
+Examples:
     >>> import torch
     >>> from tokred.core import create_reducer
     >>> from tokred.bench.visualize import draw_reduction
@@ -45,6 +45,7 @@ __all__ = [
     "KEPT",
     "MERGED",
     "cluster_colors",
+    "draw_legend",
     "draw_reduction",
     "image_to_pil",
     "patch_states",
@@ -332,6 +333,40 @@ def _swatch(kind: str, size: int) -> Image.Image:
     return swatch
 
 
+def draw_legend(*, padding: int = 10) -> Image.Image:
+    """Draw the key to the four kinds of patches, a swatch drawn like each kind beside its explanation.
+
+    [`draw_reduction`][tokred.bench.visualize.draw_reduction] adds it under a drawing; alone, it goes once under
+    a grid of drawings (``tile_pictures(..., footer=draw_legend())``).
+
+    Args:
+        padding: White pixels around the key.
+
+    Returns:
+        An ``"RGB"`` Pillow image on a white background.
+
+    Raises:
+        InvalidInputError: If ``padding < 0``.
+    """
+    if padding < 0:
+        raise InvalidInputError(f"padding must be >= 0; got {padding}")
+    font, swatch, gap = _font(13), 22, 6
+    lines = [(kind, _fit_text(font, text)) for kind, text in _LEGEND]
+    sizes = [_text_size(font, text) for _, text in lines]
+    row = max([swatch, *(h for _, h in sizes)]) + 4
+    width = 2 * padding + 1 + swatch + gap + max(w for w, _ in sizes)
+    canvas = Image.new("RGB", (width, 2 * padding + len(lines) * row), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+    y, x = padding, padding + 1
+    for (kind, text), (_, h) in zip(lines, sizes, strict=True):
+        sy = y + (row - swatch) // 2
+        canvas.paste(_swatch(kind, swatch), (x, sy))
+        draw.rectangle((x - 1, sy - 1, x + swatch, sy + swatch), outline=_OUTLINE)
+        draw.text((x + swatch + gap, y + (row - h) // 2), text, fill=_INK, font=font)
+        y += row
+    return canvas
+
+
 def draw_reduction(
     image: torch.Tensor | Image.Image,
     reduction: Reduction,
@@ -348,13 +383,13 @@ def draw_reduction(
 
     Every patch the model still sees keeps its true pixels; the marks are frames and corner marks drawn inside
     the patches (see the module's description). With a ``title``, ``caption`` lines or the legend, the drawing
-    sits unchanged on a white canvas, widened when the text needs more room than the drawing.
+    sits unchanged on a white canvas, at the left under the title, widened when the text needs more room.
 
     Args:
         image: The input image as the model saw it before normalisation: a floating ``(3, H, W)`` tensor in
             ``[0, 1]`` or a Pillow image of size ``(W, H)``.
-        reduction: The reduction of this image's tokens, for example ``handle.last_plan`` of a tokred-mamba
-            model or a per-image plan of a tokred-vlm attachment.
+        reduction: The reduction of this image's tokens, for example ``handle.last_plans[i].reduction`` of a
+            tokred-mamba attachment (``attach(..., record_plans=True)``) or a per-image plan of a tokred-vlm one.
         grid: ``(h, w)`` patches per column and row; ``H`` and ``W`` must be multiples of them.
         row: Batch row of ``reduction`` that belongs to ``image``.
         patch_tokens: Index on the reduction's ``N`` axis of each patch, row-major (for a Vim with a middle class
@@ -379,20 +414,17 @@ def draw_reduction(
     if title is None and not caption and not legend:
         return drawing
 
-    title_font, text_font, legend_font = _font(16), _font(14), _font(13)
+    title_font, text_font = _font(16), _font(14)
     pad, gap = 10, 6
     title_text = _fit_text(title_font, title) if title is not None else None
     caption_lines = [_fit_text(text_font, line) for line in caption]
-    legend_lines = [(kind, _fit_text(legend_font, text)) for kind, text in _LEGEND] if legend else []
-    swatch = 22
+    key = draw_legend(padding=0) if legend else None
 
     title_size = _text_size(title_font, title_text) if title_text is not None else (0, 0)
     caption_sizes = [_text_size(text_font, line) for line in caption_lines]
-    legend_sizes = [_text_size(legend_font, text) for _, text in legend_lines]
-    legend_row = max([swatch, *(h for _, h in legend_sizes)]) + 4
 
     content_width = max(
-        [drawing.width + 2, title_size[0], *(w for w, _ in caption_sizes), *(swatch + gap + w for w, _ in legend_sizes)]
+        [drawing.width + 2, title_size[0], *(w for w, _ in caption_sizes), key.width if key is not None else 0]
     )
     width = content_width + 2 * pad
     height = pad
@@ -403,30 +435,25 @@ def draw_reduction(
     caption_top = height + gap
     if caption_lines:
         height += gap + sum(h + 3 for _, h in caption_sizes)
-    legend_top = height + gap + 2
-    if legend_lines:
-        height += 2 * gap + len(legend_lines) * legend_row
-    height += pad - (2 if legend_lines else 0)
+    legend_top = height + 2 * gap
+    if key is not None:
+        height += 2 * gap + key.height
+    height += pad
 
     canvas = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(canvas)
     if title_text is not None:
         draw.text((pad, pad), title_text, fill=_INK, font=title_font)
-    left = (width - drawing.width) // 2
+    # Left-aligned with the text, so pictures tiled in a column line up whatever their captions' widths.
+    left = pad + 1
     draw.rectangle((left - 1, drawing_top - 1, left + drawing.width, drawing_top + drawing.height), outline=_OUTLINE)
     canvas.paste(drawing, (left, drawing_top))
     y = caption_top
     for line, (_, h) in zip(caption_lines, caption_sizes, strict=True):
         draw.text((pad, y), line, fill=_INK, font=text_font)
         y += h + 3
-    y = legend_top
-    for (kind, text), (_, h) in zip(legend_lines, legend_sizes, strict=True):
-        sample = _swatch(kind, swatch)
-        sy = y + (legend_row - swatch) // 2
-        canvas.paste(sample, (pad, sy))
-        draw.rectangle((pad - 1, sy - 1, pad + swatch, sy + swatch), outline=_OUTLINE)
-        draw.text((pad + swatch + gap, y + (legend_row - h) // 2), text, fill=_INK, font=legend_font)
-        y += legend_row
+    if legend:
+        canvas.paste(key, (pad, legend_top))
     return canvas
 
 
@@ -436,6 +463,7 @@ def tile_pictures(
     *,
     padding: int = 8,
     background: tuple[int, int, int] = (255, 255, 255),
+    footer: Image.Image | None = None,
 ) -> Image.Image:
     """Lay pictures out on a grid, row by row, each in the top-left corner of a cell of the largest size.
 
@@ -444,9 +472,12 @@ def tile_pictures(
         columns: Pictures per row.
         padding: Pixels between cells and around the grid.
         background: RGB colour of the padding and of the unused part of each cell.
+        footer: A picture placed once under the grid, at the left, such as
+            [`draw_legend`][tokred.bench.visualize.draw_legend].
 
     Returns:
-        An ``"RGB"`` image of size ``(padding + columns * (cell_w + padding), padding + rows * (cell_h + padding))``.
+        An ``"RGB"`` image of size ``(padding + columns * (cell_w + padding), padding + rows * (cell_h + padding))``,
+        widened to the footer if it is wider and made ``footer.height + padding`` taller by it.
 
     Raises:
         InvalidInputError: If there is no picture, ``columns < 1`` or ``padding < 0``.
@@ -459,15 +490,19 @@ def tile_pictures(
         raise InvalidInputError(f"columns must be a positive integer; got {columns!r}")
     if padding < 0:
         raise InvalidInputError(f"padding must be >= 0; got {padding}")
-    for picture in pictures:
+    for picture in [*pictures, *([] if footer is None else [footer])]:
         if not isinstance(picture, Image.Image):
             raise InvalidTypeError(f"pictures must be PIL images; got {type(picture).__name__}")
     cell_w = max(p.width for p in pictures)
     cell_h = max(p.height for p in pictures)
     rows = -(-len(pictures) // columns)
-    size = (padding + columns * (cell_w + padding), padding + rows * (cell_h + padding))
-    out = Image.new("RGB", size, tuple(background))
+    width, height = padding + columns * (cell_w + padding), padding + rows * (cell_h + padding)
+    if footer is not None:
+        width, height = max(width, footer.width + 2 * padding), height + footer.height + padding
+    out = Image.new("RGB", (width, height), tuple(background))
     for i, picture in enumerate(pictures):
         r, c = divmod(i, columns)
         out.paste(picture.convert("RGB"), (padding + c * (cell_w + padding), padding + r * (cell_h + padding)))
+    if footer is not None:
+        out.paste(footer.convert("RGB"), (padding, padding + rows * (cell_h + padding)))
     return out

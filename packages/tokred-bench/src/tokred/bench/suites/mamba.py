@@ -226,7 +226,7 @@ class MambaSuite(ReferenceSuite):
         forward pass, [`draw_reduction`][tokred.bench.visualize.draw_reduction]) and ``mamba-scene-{i}.png``,
         the input images of ``demo.json``.
         """
-        from tokred.bench.visualize import draw_reduction, image_to_pil, tile_pictures
+        from tokred.bench.visualize import draw_legend, draw_reduction, image_to_pil, tile_pictures
 
         device = args.device
         model = self.model(device)
@@ -292,11 +292,11 @@ class MambaSuite(ReferenceSuite):
                             scale=4,
                             title=f"test #{scene.index}",
                             caption=caption,
-                            legend=row == 0,
+                            legend=False,
                         )
                     )
                 path = out_dir / f"mamba-{name}.png"
-                tile_pictures(pictures, columns=3).save(path)
+                tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
                 images.append(path)
         notes.append(
             "pictures: each scene's patches as its forward left them: kept (white frame), a kept token that "

@@ -277,7 +277,7 @@ class VLMSuite(ReferenceSuite):
         Writes ``vlm-{reducer}.png``: every scene with the reducer's plan for its visual tokens drawn over it,
         the question and the answers under it; and ``vlm-scene-{i}.png``, the input images of ``demo.json``.
         """
-        from tokred.bench.visualize import draw_reduction, image_to_pil, tile_pictures
+        from tokred.bench.visualize import draw_legend, draw_reduction, image_to_pil, tile_pictures
 
         model, processor = self._load(args)
         (method,) = self._methods(args, "demo")[:1]
@@ -349,11 +349,11 @@ class VLMSuite(ReferenceSuite):
                     scale=scale,
                     title=f"test #{scene.index}",
                     caption=caption,
-                    legend=row == 0,
+                    legend=False,
                 )
             )
         path = Path(out_dir) / f"vlm-{method_slug(method)}.png"
-        tile_pictures(pictures, columns=3).save(path)
+        tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
         notes = [
             f"{method} keeps {kept:g} of {total} visual tokens per image ({kept / total:.0%}); "
             f"plans drawn in {path.name}: kept patches framed, merged ones framed in the colour of the token they "
