@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from tokred.bench.measure import time_call
 from tokred.core import create_reducer
 from tokred.core.ops import (
     assign_to_nearest,
@@ -33,25 +32,6 @@ from tokred.core.ops import (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall-clock milliseconds of ``fn`` over ``repeats`` calls, after ``warmup`` calls."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -96,7 +76,7 @@ def main() -> None:
     for name in ("random", "uniform", "norm", "divprune", "tome", "topk"):
         kwargs = {"seed": 0} if name == "random" else {}
         reducer = create_reducer(name, num_keep=k, **kwargs)
-        extra = {"scores": scores} if reducer.accepts_scores else {}
+        extra = {"scores": scores} if reducer.needs_scores is not None else {}
         cases.append((f"reducer `{name}`", f"K={k}", lambda reducer=reducer, extra=extra: reducer(tokens, **extra)))
     merging_topk = create_reducer("topk", num_keep=k, merge=True)
     cases.append(("reducer `topk`, merge=True", f"K={k}", lambda: merging_topk(tokens, scores=scores)))
@@ -109,7 +89,7 @@ def main() -> None:
     print("| operation | setting | median ms | ms per set |")
     print("|---|---|---:|---:|")
     for name, setting, fn in cases:
-        ms = median_ms(fn, device, args.repeats)
+        ms = time_call(fn, repeats=args.repeats, warmup=2).median * 1e3
         print(f"| {name} | {setting} | {ms:.2f} | {ms / b:.3f} |")
 
 

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from tokred.bench.measure import time_call
 from tokred.mamba import attach, count_flops, create_model
 from tokred.mamba.ops import available_backends
 
@@ -26,13 +27,7 @@ from tokred.mamba.ops import available_backends
 def median_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> float:
     """Median wall-clock seconds of one forward pass, after one warm-up pass."""
     with torch.inference_mode():
-        model(images)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time_call(lambda: model(images), repeats=repeats, warmup=1).median
 
 
 def timed(model: torch.nn.Module, images: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ measured time of one decoder layer at full length. Run, e.g.:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from tokred.bench.measure import time_call
 from tokred.vlm import ApET, attach
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -167,7 +169,7 @@ def prefill(
     batch, length = inputs["input_ids"].shape
     visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum()) // batch
     if handle is not None:
-        stats = handle.last_prefill
+        stats = handle.last_stats
         assert stats is not None, "attach() did not reduce this prefill"
         visual, length = stats.kept_visual_tokens // batch, stats.reduced_length
     return ms, visual, length
@@ -181,18 +183,6 @@ def run_decoder(decoder: Any, call: dict[str, Any]) -> float:
     start = time.perf_counter()
     decoder(*call["args"], **kwargs)
     return (time.perf_counter() - start) * 1e3
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall-clock milliseconds of ``fn`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def load_average() -> str:
@@ -288,7 +278,8 @@ def main() -> None:
         for space, x in features.items():
             for keep in args.keep:
                 reducer = ApET(num_keep=keep)
-                alone[(space, keep)] = median_ms(lambda r=reducer, x=x: r(x), max(10, 2 * args.repeats))
+                call = functools.partial(reducer, x)
+                alone[(space, keep)] = time_call(call, repeats=max(10, 2 * args.repeats), warmup=2).median * 1e3
 
     med = {keep: {name: statistics.median(run[name] for run in runs[keep]) for name in runs[keep][0]} for keep in runs}
     dec = {keep: statistics.median(times) for keep, times in decoder_runs.items()}
