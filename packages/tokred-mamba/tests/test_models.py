@@ -11,7 +11,7 @@ from tokred.mamba.layers import BidirectionalMamba, Block, RMSNorm
 from tokred.mamba.ops import available_backends, selective_scan_reference
 
 # --------------------------------------------------------------------------------------------------------------
-# State-dict layout, straight from the key/shape table of reference/mtr.md §2.5 (and §3.2 for video).
+# State-dict layout of the official Vim (and VideoMamba) checkpoints: key names and shapes.
 
 
 def official_shapes(dim, depth, num_patches, num_classes=1000, frames=None, n=16):

@@ -7,7 +7,7 @@ cards ([`tokred.bench.reference`][tokred.bench.reference]), their training code
 measurements, and [`draw_reduction`][tokred.bench.visualize.draw_reduction], which draws a
 [`Reduction`][tokred.core.Reduction] over its image.
 
-Example:
+Examples:
     >>> from tokred.bench import reference_dir
     >>> from tokred.bench.scenes import make_scenes
     >>> from tokred.mamba import create_model

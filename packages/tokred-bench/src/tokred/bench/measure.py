@@ -48,7 +48,7 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Ti
     Returns:
         The median and the spread of the timed calls.
 
-    Example:
+    Examples:
         >>> from tokred.bench.measure import time_call
         >>> timing = time_call(lambda: sum(range(1000)), repeats=3)
         >>> timing.repeats, timing.median >= 0

@@ -9,7 +9,7 @@ matplotlib is imported when a plot is drawn, not with this module, and always wi
 canvas and matplotlib's default style inside an ``rc_context``: drawing a plot changes no global state of the
 caller's matplotlib.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from pathlib import Path
     >>> from tokred.bench.plots import method_color, plot_results

@@ -1,6 +1,6 @@
 """Procedural scenes: coloured shapes on a cluttered background, with the ground truth recorded.
 
-The reference models of tokred-vlm and tokred-mamba are trained and measured on these scenes, so every
+The reference models of tokred-bench (a LLaVA and a Vim) are trained and measured on these scenes, so every
 benchmark runs offline on data the project makes itself. A scene puts two to five objects in distinct cells of
 a 3 x 3 grid over a grey, textured background strewn with grey speckles; exactly one object (the *target*) is
 large, the others are small distractors. Everything about each object is recorded: shape, colour, grid cell,
@@ -9,7 +9,7 @@ centre and radius.
 Scenes are deterministic: scene ``i`` of a split depends only on the split's seed and ``i``, never on how many
 scenes are drawn at once or in which order, so a held-out split is the same on every machine.
 
-Example:
+Examples:
     >>> from tokred.bench.scenes import make_scenes
     >>> scenes = make_scenes(4, split="test", image_size=64)
     >>> scenes.images.shape, scenes.images.dtype
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tokred.core.errors import InvalidInputError
 
 __all__ = [
     "COLORS",
@@ -78,9 +80,9 @@ class SceneObject:
     """One object of a scene.
 
     Attributes:
-        shape: One of :data:`SHAPES`.
-        color: One of :data:`COLORS`.
-        cell: Grid cell index ``0..8`` (see :data:`POSITIONS`).
+        shape: One of [`SHAPES`][tokred.bench.scenes.SHAPES].
+        color: One of [`COLORS`][tokred.bench.scenes.COLORS].
+        cell: Grid cell index ``0..8`` (see [`POSITIONS`][tokred.bench.scenes.POSITIONS]).
         center: ``(x, y)`` in pixels from the top-left corner.
         radius: Half the object's extent in pixels.
     """
@@ -98,7 +100,10 @@ class SceneObject:
 
     @property
     def label(self) -> int:
-        """Class index ``shape * len(COLORS) + colour`` of this object (see :func:`label_name`)."""
+        """Class index ``shape * len(COLORS) + colour`` of this object.
+
+        See [`label_name`][tokred.bench.scenes.label_name].
+        """
         return SHAPES.index(self.shape) * len(COLORS) + list(COLORS).index(self.color)
 
 
@@ -125,7 +130,7 @@ class Scene:
 
     @property
     def label(self) -> int:
-        """Class index of the target (see :func:`label_name`)."""
+        """Class index of the target (see [`label_name`][tokred.bench.scenes.label_name])."""
         return self.target.label
 
     def count(self, shape: str | None = None, color: str | None = None) -> int:
@@ -166,7 +171,7 @@ def label_name(label: int) -> str:
         ValueError: If ``label`` is not in ``0 .. len(SHAPES) * len(COLORS) - 1``.
     """
     if not 0 <= label < NUM_CLASSES:
-        raise ValueError(f"label must lie in 0..{NUM_CLASSES - 1}; got {label}")
+        raise InvalidInputError(f"label must lie in 0..{NUM_CLASSES - 1}; got {label}")
     shape, color = divmod(label, len(COLORS))
     return f"{list(COLORS)[color]} {SHAPES[shape]}"
 
@@ -223,7 +228,7 @@ def _shape_mask(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> tor
     if shape == "cross":
         bar = r / 3
         return ((dx.abs() <= bar) & (dy.abs() <= r)) | ((dy.abs() <= bar) & (dx.abs() <= r))
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise InvalidInputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def render_scene(scene: Scene) -> torch.Tensor:
@@ -266,7 +271,7 @@ def make_scenes(
 
     Args:
         count: Number of scenes, ``>= 1``.
-        split: ``"train"``, ``"validation"`` or ``"test"`` (see :data:`SPLIT_SEEDS`).
+        split: ``"train"``, ``"validation"`` or ``"test"`` (see [`SPLIT_SEEDS`][tokred.bench.scenes.SPLIT_SEEDS]).
         start: Index of the first scene.
         image_size: Side of the square images in pixels (at least 24).
         min_objects: Fewest objects per scene, target included.
@@ -279,13 +284,15 @@ def make_scenes(
         ValueError: On an unknown split or out-of-range sizes and counts.
     """
     if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+        raise InvalidInputError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
     if count < 1 or start < 0:
-        raise ValueError(f"count must be >= 1 and start >= 0; got count={count}, start={start}")
+        raise InvalidInputError(f"count must be >= 1 and start >= 0; got count={count}, start={start}")
     if image_size < 24:
-        raise ValueError(f"image_size must be at least 24 pixels so small objects stay visible; got {image_size}")
+        raise InvalidInputError(
+            f"image_size must be at least 24 pixels so small objects stay visible; got {image_size}"
+        )
     if not 1 <= min_objects <= max_objects <= 9:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= 9; got {min_objects}, {max_objects}")
+        raise InvalidInputError(f"need 1 <= min_objects <= max_objects <= 9; got {min_objects}, {max_objects}")
     seed = SPLIT_SEEDS[split]
     scenes = tuple(
         sample_scene(i, seed=seed, image_size=image_size, min_objects=min_objects, max_objects=max_objects)

@@ -3,7 +3,7 @@
 Everything a token reducer needs that is not specific to one model family lives here and depends only on
 PyTorch. ``tokred.vlm`` (ApET, transformers VLMs) and ``tokred.mamba`` (MTR, Vision Mamba) build on it.
 
-Example:
+Examples:
     >>> import torch
     >>> from tokred.core import create_reducer
     >>> tokens = torch.randn(2, 576, 64)                    # (B, N, C)

@@ -35,7 +35,7 @@ class Budget:
     Raises:
         BudgetError: If none or several are given, or a value is out of range.
 
-    Example:
+    Examples:
         >>> from tokred.core import Budget
         >>> Budget(keep_ratio=0.25).resolve(576)
         144

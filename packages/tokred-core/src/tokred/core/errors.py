@@ -6,7 +6,7 @@ the built-in exception a caller would expect (`ValueError` for a bad value, `Typ
 code keeps working, and ``except TokredError`` catches everything tokred raises deliberately, which is how the
 ``tokred`` command tells a user's mistake (one line, exit status 2) from a bug (a traceback).
 
-Example:
+Examples:
     >>> from tokred.core import create_reducer
     >>> from tokred.core.errors import BudgetError, TokredError
     >>> try:

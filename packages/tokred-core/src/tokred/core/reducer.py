@@ -26,9 +26,11 @@ class Reducer(abc.ABC):
     """Base class of every token reducer: given token sets, decide which tokens survive and what they carry.
 
     A reducer is built with its hyper-parameters and, usually, a budget (at most one of ``num_keep``,
-    ``keep_ratio`` and ``num_remove``), and called on a batch of token sets::
+    ``keep_ratio`` and ``num_remove``), and called on a batch of token sets:
 
-        reduction = reducer(tokens, scores=None, protected=None, sizes=None)
+    ```python
+    reduction = reducer(tokens, scores=None, protected=None, sizes=None)
+    ```
 
     The call validates the inputs, resolves the budget to ``K`` tokens per set, returns every token unchanged
     when ``K >= N``, and otherwise delegates to [`reduce`][tokred.core.Reducer.reduce], the one method a

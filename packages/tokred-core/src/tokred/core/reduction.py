@@ -37,7 +37,7 @@ class Reduction:
         weights: fp32 tensor ``(B, N)``: the contribution of each original token to its slot; the weights of
             every slot sum to 1, dropped tokens have weight 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core import create_reducer
         >>> tokens = torch.randn(2, 16, 8)

@@ -83,7 +83,7 @@ class Registry(Generic[T]):
         from_entry_point: Optional function that turns the object an entry point loads into the registered
             object (for example a decorated factory into its spec); the identity by default.
 
-    Example:
+    Examples:
         >>> from tokred.core.registry import Registry
         >>> colours = Registry("example.colours", "colour")
         >>> _ = colours.register("sky_blue", "#87ceeb", aliases=("skyblue",))
@@ -284,7 +284,7 @@ def register_reducer(name: str) -> Callable[[type[T]], type[T]]:
     Raises:
         RegistryError: If the name is malformed or already taken by another class.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core import Reducer, Reduction, register_reducer, select_top
         >>> @register_reducer("docs_keep_first")
@@ -314,7 +314,7 @@ def create_reducer(name: str, **config: Any) -> Any:
         PluginLoadError: If the plug-in providing ``name`` fails to import.
         TypeError: If ``config`` names an argument the reducer does not take.
 
-    Example:
+    Examples:
         >>> from tokred.core import create_reducer
         >>> create_reducer("tome", keep_ratio=0.25)
         ToMeReducer(keep_ratio=0.25)

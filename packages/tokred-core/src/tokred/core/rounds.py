@@ -16,11 +16,11 @@ class MergeRounds:
     Reducers such as ToMe and UTR can remove at most about half the tokens per round, and how many a row can
     remove depends on that row (its protected tokens). Keeping every tensor at full length ``N`` with an
     ``alive`` mask lets each row run its own rounds, so a row's result never depends on the rest of the
-    batch; :meth:`finish` then builds one `Reduction` from the original tokens.
+    batch; [`finish`][tokred.core.rounds.MergeRounds.finish] then builds one `Reduction` from the original tokens.
 
-    Each alive position holds the size-weighted *sum* of the tokens merged into it (:attr:`weighted`), so a
-    merge is one row addition; :meth:`means` gives the averages when a score needs them (cosine similarity
-    does not: it ignores the scale).
+    Each alive position holds the size-weighted *sum* of the tokens merged into it (``weighted``), so a
+    merge is one row addition; [`means`][tokred.core.rounds.MergeRounds.means] gives the averages when a score needs
+    them (cosine similarity does not: it ignores the scale).
 
     Args:
         tokens: Original tokens ``(B, N, C)``.

@@ -3,7 +3,7 @@
 Vim and VideoMamba with the module names of the official checkpoints, a timm-style registry, safe checkpoint
 loading, the evaluation preprocessing, the selective-scan backends, and token reduction inside the models.
 
-Example:
+Examples:
     >>> import torch
     >>> from tokred.mamba import MTR, attach, create_model
     >>> model = create_model("vim_test").eval()            # create_model("vim_small", "vim_s_….pth") for real

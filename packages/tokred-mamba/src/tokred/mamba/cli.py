@@ -1,12 +1,14 @@
 r"""``tokred mamba …``: classify images and evaluate on a folder, dense or with token reduction.
 
-Examples::
+A few commands:
 
-    tokred mamba models
-    tokred mamba classify --model vim_small --checkpoint vim_s_midclstok_80p5acc.pth cat.jpg dog.jpg
-    tokred mamba classify --model vim_scenes --reducer mtr --flops-cut 0.4 scene.png   # bundled weights
-    tokred mamba eval --model vim_small --checkpoint vim_s.pth --data imagenet/val --reducer mtr --flops-cut 0.3 \
-        --out results/
+```bash
+tokred mamba models
+tokred mamba classify --model vim_small --checkpoint vim_s_midclstok_80p5acc.pth cat.jpg dog.jpg
+tokred mamba classify --model vim_scenes --reducer mtr --flops-cut 0.4 scene.png   # bundled weights
+tokred mamba eval --model vim_small --checkpoint vim_s.pth --data imagenet/val --reducer mtr --flops-cut 0.3 \
+    --out results/
+```
 
 A model is loaded with ``--checkpoint FILE``, or with the weights a package bundles for it (``vim_scenes``);
 a model with neither is refused unless ``--random-weights`` asks for random ones. Images are prepared the way

@@ -95,7 +95,7 @@ def count_flops(
     Returns:
         FLOPs as a float.
 
-    Example:
+    Examples:
         >>> from tokred.mamba import count_flops, create_model
         >>> import torch
         >>> with torch.device("meta"):

@@ -107,7 +107,7 @@ def preprocess_image(image: Image.Image, img_size: int = 224, config: Preprocess
     Returns:
         A normalised float32 tensor ``(3, img_size, img_size)``.
 
-    Example:
+    Examples:
         >>> from PIL import Image
         >>> from tokred.mamba import preprocess_image
         >>> preprocess_image(Image.new("RGB", (320, 240)), img_size=224).shape
@@ -182,7 +182,7 @@ class ImageFolder(Dataset):
         skipped: How many files were skipped as not readable images.
         skipped_files: Their paths.
 
-    Example:
+    Examples:
         >>> from tokred.mamba import ImageFolder
         >>> dataset = ImageFolder("imagenet/val", img_size=224)  # doctest: +SKIP
         >>> image, label = dataset[0]                             # doctest: +SKIP

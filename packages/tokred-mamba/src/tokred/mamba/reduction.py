@@ -314,7 +314,7 @@ def attach(
         BudgetError: If the schedule or the FLOPs cut would leave fewer than two tokens.
         AttachError: If a reducer is already attached to the model.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba import MTR, attach, create_model
         >>> model = create_model("vim_test").eval()

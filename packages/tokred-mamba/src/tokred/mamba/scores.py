@@ -42,7 +42,7 @@ def delta_importance(
     Returns:
         Importance of shape ``(B, L)`` in fp32.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba.layers import ScanDelta
         >>> from tokred.mamba.scores import delta_importance

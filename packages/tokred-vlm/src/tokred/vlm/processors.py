@@ -2,7 +2,8 @@
 
 transformers builds the video processor of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and Video-LLaVA with
 torchvision, which tokred-vlm does not depend on; without it ``AutoProcessor.from_pretrained`` fails for those
-models even when only images are used. :func:`load_processor` falls back to :func:`images_only`.
+models even when only images are used. [`load_processor`][tokred.vlm.processors.load_processor] falls back to
+[`images_only`][tokred.vlm.processors.images_only].
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Sequence bookkeeping for a shortened prefill: which columns survive, their masks and their positions.
 
-These are pure tensor functions with no knowledge of any model; :mod:`tokred.vlm.attachment` calls them from its
-hooks and the tests check them against hand-written cases. Shapes: ``B`` rows, ``L`` original sequence length,
-``L'`` reduced length, ``R`` position rows (1 for ordinary RoPE, 3 for M-RoPE, 4 for transformers' 4-row M-RoPE
+These are pure tensor functions with no knowledge of any model; [`tokred.vlm.attachment`][tokred.vlm.attachment] calls
+them from its hooks and the tests check them against hand-written cases. Shapes: ``B`` rows, ``L`` original sequence
+length, ``L'`` reduced length, ``R`` position rows (1 for ordinary RoPE, 3 for M-RoPE, 4 for transformers' 4-row M-RoPE
 layout whose first row is the text position).
 """
 

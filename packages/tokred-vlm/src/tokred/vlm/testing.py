@@ -3,16 +3,14 @@
 Everything here is built from configs alone: no checkpoint, tokenizer or image processor is downloaded. The six
 supported model classes are covered, one *family* name each:
 
-=================== =============================================
-family              class
-=================== =============================================
-``llava``           ``LlavaForConditionalGeneration``
-``llava_next``      ``LlavaNextForConditionalGeneration``
-``qwen2_vl``        ``Qwen2VLForConditionalGeneration``
-``qwen2_5_vl``      ``Qwen2_5_VLForConditionalGeneration``
-``llava_onevision`` ``LlavaOnevisionForConditionalGeneration``
-``video_llava``     ``VideoLlavaForConditionalGeneration``
-=================== =============================================
+| family | class |
+| --- | --- |
+| ``llava`` | ``LlavaForConditionalGeneration`` |
+| ``llava_next`` | ``LlavaNextForConditionalGeneration`` |
+| ``qwen2_vl`` | ``Qwen2VLForConditionalGeneration`` |
+| ``qwen2_5_vl`` | ``Qwen2_5_VLForConditionalGeneration`` |
+| ``llava_onevision`` | ``LlavaOnevisionForConditionalGeneration`` |
+| ``video_llava`` | ``VideoLlavaForConditionalGeneration`` |
 
 All models share the same token layout: a vocabulary of 1000 ids, ``PAD, BOS, EOS = 0, 1, 2``, the image
 placeholder ``999``, the video placeholder ``998`` and, for Qwen, ``vision_start``/``vision_end`` ``997``/``996``.
@@ -20,20 +18,22 @@ Random text tokens are drawn from ``3..899``, so they never collide with a speci
 layers and hidden size 64; every vision tower has two layers.
 
 A batch is described as *rows* of *items*. An item is an ``int`` (that many random text tokens), an
-:class:`Image` or a :class:`Video`::
+[`Image`][tokred.vlm.testing.Image] or a [`Video`][tokred.vlm.testing.Video]:
 
-    model = tiny_model("llava_next", attn_implementation="sdpa")
-    inputs = tiny_inputs(model, [[3, Image(40, 60), 4], [2, Image(), 3, Image(), 2]])
-    out = model(**inputs)                      # logits (2, L, 1000)
-    model.generate(**inputs, max_new_tokens=3, do_sample=False)
+```python
+model = tiny_model("llava_next", attn_implementation="sdpa")
+inputs = tiny_inputs(model, [[3, Image(40, 60), 4], [2, Image(), 3, Image(), 2]])
+out = model(**inputs)                      # logits (2, L, 1000)
+model.generate(**inputs, max_new_tokens=3, do_sample=False)
+```
 
-:func:`tiny_inputs` returns exactly the keyword arguments the model's own processor would return (``input_ids``,
-``attention_mask`` and the family's pixel and grid tensors), with the right number of placeholder tokens per item
-(:func:`placeholder_count`).
+[`tiny_inputs`][tokred.vlm.testing.tiny_inputs] returns exactly the keyword arguments the model's own processor would
+return (``input_ids``, ``attention_mask`` and the family's pixel and grid tensors), with the right number of placeholder
+tokens per item ([`placeholder_count`][tokred.vlm.testing.placeholder_count]).
 
-:func:`tiny_processor` builds the family's real transformers processor for these models (PIL image processor,
-word-level tokenizer, chat template), for end-to-end runs from image files: it saves and loads with
-``save_pretrained`` / ``from_pretrained`` like a downloaded checkpoint. It takes images only (see its docstring).
+[`tiny_processor`][tokred.vlm.testing.tiny_processor] builds the family's real transformers processor for these models
+(PIL image processor, word-level tokenizer, chat template), for end-to-end runs from image files: it saves and loads
+with ``save_pretrained`` / ``from_pretrained`` like a downloaded checkpoint. It takes images only (see its docstring).
 
 Per-item placeholder counts (``S`` = vision ``image_size`` 28, ``p`` = patch size 7, so ``n = (S/p)**2 = 16``):
 
@@ -112,7 +112,7 @@ __all__ = [
 ]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "video_llava")
-"""The supported family names, one per model class (see :data:`MODEL_CLASSES`)."""
+"""The supported family names, one per model class (see [`MODEL_CLASSES`][tokred.vlm.testing.MODEL_CLASSES])."""
 
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": LlavaForConditionalGeneration,
@@ -122,14 +122,14 @@ MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
     "video_llava": VideoLlavaForConditionalGeneration,
 }
-"""Family name -> ``*ForConditionalGeneration`` class built by :func:`tiny_model`."""
+"""Family name -> ``*ForConditionalGeneration`` class built by [`tiny_model`][tokred.vlm.testing.tiny_model]."""
 
 VOCAB_SIZE = 1000
 """Vocabulary size of every tiny decoder (and so the last dimension of the logits)."""
 PAD_TOKEN_ID = 0
 """Padding id; padded positions have ``attention_mask == 0``."""
 BOS_TOKEN_ID = 1
-"""Beginning-of-sequence id; every row produced by :func:`tiny_inputs` starts with it."""
+"""Beginning-of-sequence id; every row produced by [`tiny_inputs`][tokred.vlm.testing.tiny_inputs] starts with it."""
 EOS_TOKEN_ID = 2
 """End-of-sequence id (``generate`` may stop on it)."""
 IMAGE_TOKEN_ID = 999
@@ -199,7 +199,8 @@ class Video:
 
 
 Item = int | Image | Video
-"""One element of a row: a number of random text tokens, an :class:`Image` or a :class:`Video`."""
+"""One element of a row: a number of random text tokens, an [`Image`][tokred.vlm.testing.Image] or a
+[`Video`][tokred.vlm.testing.Video]."""
 
 
 def _check_positive(obj: object, *names: str) -> None:
@@ -261,7 +262,7 @@ def tiny_config(family: str) -> PreTrainedConfig:
     """Build the tiny config of one family (a fresh object on every call).
 
     Args:
-        family: One of :data:`FAMILIES`.
+        family: One of [`FAMILIES`][tokred.vlm.testing.FAMILIES].
 
     Returns:
         The composite config (vision tower with 2 layers, decoder with 2 layers and hidden size 64, vocabulary
@@ -368,14 +369,14 @@ def tiny_model(
     The generation config gets ``pad/bos/eos`` ids ``0/1/2``.
 
     Args:
-        family: One of :data:`FAMILIES`.
+        family: One of [`FAMILIES`][tokred.vlm.testing.FAMILIES].
         attn_implementation: ``"eager"``, ``"sdpa"`` or any other implementation transformers accepts; it is
             applied to the decoder and the vision tower.
         seed: Seed of the weight initialisation.
         dtype: Parameter dtype.
 
     Returns:
-        A ``*ForConditionalGeneration`` model (see :data:`MODEL_CLASSES`).
+        A ``*ForConditionalGeneration`` model (see [`MODEL_CLASSES`][tokred.vlm.testing.MODEL_CLASSES]).
 
     Raises:
         ValueError: If ``family`` is unknown.
@@ -492,7 +493,7 @@ def placeholder_count(model: PreTrainedModel, item: Image | Video, *, multi_imag
 
     Raises:
         ValueError: If the item is not valid for the family (size, frames, video support).
-        TypeError: If ``item`` is not an :class:`Image` or :class:`Video`.
+        TypeError: If ``item`` is not an [`Image`][tokred.vlm.testing.Image] or [`Video`][tokred.vlm.testing.Video].
     """
     family = family_of(model)
     config = model.config
@@ -519,14 +520,17 @@ def placeholder_count(model: PreTrainedModel, item: Image | Video, *, multi_imag
 
 
 def placeholder_counts(model: PreTrainedModel, rows: Sequence[Sequence[Item]]) -> list[list[int]]:
-    """Placeholder counts of every image/video of a batch, in row order, as :func:`tiny_inputs` writes them.
+    """Placeholder counts of every image/video of a batch, in row order.
+
+    As [`tiny_inputs`][tokred.vlm.testing.tiny_inputs] writes them.
 
     Args:
         model: A model of one of the supported families.
-        rows: The batch description passed to :func:`tiny_inputs`.
+        rows: The batch description passed to [`tiny_inputs`][tokred.vlm.testing.tiny_inputs].
 
     Returns:
-        One list per row with one count per :class:`Image`/:class:`Video` of the row (text items are skipped).
+        One list per row with one count per [`Image`][tokred.vlm.testing.Image]/[`Video`][tokred.vlm.testing.Video] of
+        the row (text items are skipped).
     """
     rows = _check_rows(rows)
     out = []
@@ -561,8 +565,9 @@ def tiny_inputs(
     """Build processor-free model inputs for a batch of rows.
 
     Each row becomes ``BOS`` followed by its items: an ``int`` ``n`` gives ``n`` random text tokens from
-    ``TEXT_TOKEN_LOW..TEXT_TOKEN_HIGH``, an image/video gives :func:`placeholder_count` placeholder tokens (wrapped
-    in ``vision_start``/``vision_end`` for Qwen). Rows are padded with ``PAD_TOKEN_ID`` on ``padding_side``.
+    ``TEXT_TOKEN_LOW..TEXT_TOKEN_HIGH``, an image/video gives
+    [`placeholder_count`][tokred.vlm.testing.placeholder_count] placeholder tokens (wrapped in
+    ``vision_start``/``vision_end`` for Qwen). Rows are padded with ``PAD_TOKEN_ID`` on ``padding_side``.
 
     The returned keys are those of the family's processor:
 
@@ -583,8 +588,9 @@ def tiny_inputs(
     scatters features.
 
     Args:
-        model: A model of one of the supported families (e.g. from :func:`tiny_model`).
-        rows: A list (batch) of lists of items (``int``, :class:`Image` or :class:`Video`).
+        model: A model of one of the supported families (e.g. from [`tiny_model`][tokred.vlm.testing.tiny_model]).
+        rows: A list (batch) of lists of items (``int``, [`Image`][tokred.vlm.testing.Image] or
+            [`Video`][tokred.vlm.testing.Video]).
         padding_side: ``"left"`` or ``"right"``.
         seed: Seed of the text tokens and the pixel values.
 
@@ -757,17 +763,22 @@ def _tiny_tokenizer(image_token: str, video_token: str) -> Any:
 
 
 def tiny_processor(family: str) -> Any:
-    """Build the real transformers processor of one family for the :func:`tiny_model` models, offline.
+    """Build the real transformers processor of one family for the tiny models, offline.
+
+    The models are those of [`tiny_model`][tokred.vlm.testing.tiny_model].
 
     It is the family's own processor class (``LlavaProcessor``, ``Qwen2VLProcessor``, …) with a PIL image processor
-    sized for the tiny vision towers (28-pixel tiles, the :data:`IMAGE_GRID_PINPOINTS`; Qwen images scaled to at
-    most 224 x 224 pixels), a word-level tokenizer and a chat template, so that::
+    sized for the tiny vision towers (28-pixel tiles, the
+    [`IMAGE_GRID_PINPOINTS`][tokred.vlm.testing.IMAGE_GRID_PINPOINTS]; Qwen images scaled to at most 224 x 224 pixels),
+    a word-level tokenizer and a chat template, so that:
 
-        processor = tiny_processor("llava")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=[text], images=[[pil_image]], return_tensors="pt")
-        tiny_model("llava").generate(**inputs, max_new_tokens=5)
+    ```python
+    processor = tiny_processor("llava")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[pil_image]], return_tensors="pt")
+    tiny_model("llava").generate(**inputs, max_new_tokens=5)
+    ```
 
     works with any image size (the rendered prompt is ``"user: <image> describe"``, a newline, ``"assistant:"``),
     and ``save_pretrained`` writes a folder that ``AutoProcessor.from_pretrained`` reads back; next to the model's
@@ -789,7 +800,7 @@ def tiny_processor(family: str) -> Any:
     checkpoints rather than the tiny models. ``llava`` and ``llava_next`` take images only anyway.
 
     Args:
-        family: One of :data:`FAMILIES`.
+        family: One of [`FAMILIES`][tokred.vlm.testing.FAMILIES].
 
     Returns:
         A ``transformers.ProcessorMixin``.

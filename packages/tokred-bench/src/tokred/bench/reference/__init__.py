@@ -11,7 +11,7 @@
 
 Each folder holds a ``card.json``: the configuration, the held-out accuracy, the training command and time.
 
-Example:
+Examples:
     >>> from tokred.bench.reference import REFERENCE_MODELS, load_card, reference_dir
     >>> REFERENCE_MODELS
     ('llava_scenes', 'vim_scenes')

@@ -14,7 +14,7 @@ either order, so ``tokred vlm generate --model llava_scenes --prompt "what color
 asks the model the way it was trained. The image placeholder expands to one token per vision patch
 (``(image_size / patch_size) ** 2``). The answer is the next token.
 
-Example:
+Examples:
     >>> from tokred.bench.reference.llava import evaluate, load_reference_model
     >>> from tokred.bench.reference.questions import make_questions
     >>> model, processor = load_reference_model()
@@ -66,7 +66,8 @@ REFERENCE_MODEL = "llava_scenes"
 """Name of the bundled checkpoint (its folder is ``reference_dir("llava_scenes")``)."""
 
 PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, UNK_TOKEN_ID, IMAGE_TOKEN_ID = 0, 1, 2, 3, 4
-"""Special token ids of the reference tokenizer; words follow from id 5 in :data:`WORDS` order."""
+"""Special token ids of the reference tokenizer; words follow from id 5 in the order of
+[`WORDS`][tokred.bench.reference.questions.WORDS]."""
 IMAGE_TOKEN = "<image>"
 """The image placeholder string of the prompt."""
 
@@ -90,7 +91,9 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a reference LLaVA (everything :func:`build_model` needs besides the seed).
+    """The sizes of a reference LLaVA: everything its builder needs besides the seed.
+
+    See [`build_model`][tokred.bench.reference.llava.build_model].
 
     Attributes:
         image_size: Side of the square input image in pixels.
@@ -132,7 +135,9 @@ class ModelShape:
 
 
 def build_tokenizer() -> Any:
-    """The reference word-level tokenizer: specials ``<pad> <s> </s> <unk> <image>`` (ids 0-4), then :data:`WORDS`.
+    """The reference word-level tokenizer: specials ``<pad> <s> </s> <unk> <image>`` (ids 0-4), then the words.
+
+    The words are [`WORDS`][tokred.bench.reference.questions.WORDS], in order.
 
     Text is lower-cased and split into words and punctuation; ``<s>`` is prepended; padding is on the left.
 
@@ -147,7 +152,7 @@ def build_processor(shape: ModelShape | None = None) -> Any:
     """The reference ``LlavaProcessor``: a PIL ``CLIPImageProcessor`` sized for ``shape`` and the tokenizer.
 
     Args:
-        shape: Model sizes; the default :class:`ModelShape` if None.
+        shape: Model sizes; the default [`ModelShape`][tokred.bench.reference.llava.ModelShape] if None.
 
     Returns:
         A ``transformers.LlavaProcessor`` that saves and loads with ``save_pretrained`` / ``from_pretrained``.
@@ -173,7 +178,7 @@ def build_model(shape: ModelShape | None = None, *, seed: int = 0) -> Any:
     """A freshly initialised reference LLaVA (fp32, train mode), its weights depending only on ``seed``.
 
     Args:
-        shape: Model sizes; the default :class:`ModelShape` if None.
+        shape: Model sizes; the default [`ModelShape`][tokred.bench.reference.llava.ModelShape] if None.
         seed: Seed of the initialisation (the global RNG is forked, so the caller's state is untouched).
 
     Returns:
@@ -231,7 +236,7 @@ def prompt(question: str | Question) -> str:
     The question comes before the image, so that the decoder reads every visual token knowing the question.
 
     Args:
-        question: The question text or a :class:`Question`.
+        question: The question text or a [`Question`][tokred.bench.reference.questions.Question].
 
     Returns:
         ``"user: {question} <image>"``, a newline, then ``"assistant:"``.
@@ -354,7 +359,7 @@ def predict(
     Args:
         model: A reference LLaVA (possibly with a reducer attached).
         processor: Its processor.
-        encoded: Batches from :func:`encode`.
+        encoded: Batches from [`encode`][tokred.bench.reference.llava.encode].
         on_batch: Called with the number of questions after each batch (progress bars).
 
     Returns:
@@ -387,7 +392,7 @@ def evaluate(
         processor: Its processor.
         questions: The questions.
         batch_size: Questions per forward pass.
-        encoded: The set's batches from :func:`encode`, to skip encoding it again.
+        encoded: The set's batches from [`encode`][tokred.bench.reference.llava.encode], to skip encoding it again.
         on_batch: Called with the number of questions after each batch (progress bars).
 
     Returns:

@@ -1,21 +1,19 @@
 """Templated one-word questions about procedural scenes, with answers from the scene's ground truth.
 
-Four kinds of question (:data:`QUESTION_KINDS`), each with one template:
+Four kinds of question ([`QUESTION_KINDS`][tokred.bench.reference.questions.QUESTION_KINDS]), each with one template:
 
-=========== ========================================= ============================================
-kind        template                                  answer
-=========== ========================================= ============================================
-``color``   ``what color is the {shape}?``            a colour; asked only when that shape is unique
-``shape``   ``what shape is at the {position}?``      a shape; asked only about an occupied cell
-``exists``  ``is there a {color} {shape}?``           ``yes`` / ``no``, drawn half and half
-``count``   ``how many {shape}s are there?``          a digit ``0`` .. ``5``
-=========== ========================================= ============================================
+| kind | template | answer |
+| --- | --- | --- |
+| ``color`` | ``what color is the {shape}?`` | a colour; asked only when that shape is unique |
+| ``shape`` | ``what shape is at the {position}?`` | a shape; asked only about an occupied cell |
+| ``exists`` | ``is there a {color} {shape}?`` | ``yes`` / ``no``, drawn half and half |
+| ``count`` | ``how many {shape}s are there?`` | a digit ``0`` .. ``5`` |
 
 Questions are deterministic: the question of a scene depends only on the scene (its split seed and index), the
 kind and the ``seed`` given here, never on which other scenes are asked about. Negative ``exists`` questions
 are half the time *hard*: the colour or the shape occurs in the scene, but not together.
 
-Example:
+Examples:
     >>> from tokred.bench.reference.questions import make_questions
     >>> qs = make_questions(4, split="test", image_size=80)
     >>> qs.images.shape, [q.kind for q in qs.questions]
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from tokred.bench.scenes import COLORS, POSITIONS, SHAPES, Scene, make_scenes
+from tokred.core.errors import InvalidInputError
 
 __all__ = [
     "ANSWERS",
@@ -46,7 +45,8 @@ __all__ = [
 ]
 
 QUESTION_KINDS: tuple[str, ...] = ("color", "shape", "exists", "count")
-"""The kinds of question, in the order :func:`make_questions` rotates through them."""
+"""The kinds of question, in the order [`make_questions`][tokred.bench.reference.questions.make_questions] rotates
+through them."""
 
 MAX_COUNT = 5
 """The largest answer of a ``count`` question (scenes hold at most five objects)."""
@@ -82,12 +82,13 @@ class Question:
     """One question about one scene.
 
     Attributes:
-        kind: One of :data:`QUESTION_KINDS`.
+        kind: One of [`QUESTION_KINDS`][tokred.bench.reference.questions.QUESTION_KINDS].
         text: The question, e.g. ``"what color is the circle?"``.
         answer: The one-word answer, e.g. ``"red"``.
         about: What the question names: ``(shape,)`` for ``color`` and ``count``, ``(position,)`` for
             ``shape``, ``(color, shape)`` for ``exists``.
-        scene_index: Position of the scene in the :class:`QuestionSet` it belongs to (0 for a lone question).
+        scene_index: Position of the scene in the [`QuestionSet`][tokred.bench.reference.questions.QuestionSet] it
+            belongs to (0 for a lone question).
     """
 
     kind: str
@@ -132,7 +133,7 @@ def ask(scene: Scene, kind: str, *, seed: int = 0, draw: int = 0) -> Question | 
 
     Args:
         scene: The scene.
-        kind: One of :data:`QUESTION_KINDS`.
+        kind: One of [`QUESTION_KINDS`][tokred.bench.reference.questions.QUESTION_KINDS].
         seed: Seed of the question draw.
         draw: Index of the draw, to ask several questions of one kind about the same scene.
 
@@ -143,7 +144,7 @@ def ask(scene: Scene, kind: str, *, seed: int = 0, draw: int = 0) -> Question | 
         ValueError: On an unknown kind.
     """
     if kind not in QUESTION_KINDS:
-        raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
+        raise InvalidInputError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
     rng = _rng(scene, kind, seed, draw)
     if kind == "color":
         unique = [o for o in scene.objects if scene.count(shape=o.shape) == 1]

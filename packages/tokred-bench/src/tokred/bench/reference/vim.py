@@ -8,7 +8,7 @@ smaller distractors: 24 classes, shape × colour. It takes the scenes' images as
 way the model was trained. ``scripts/train_vim_scenes.py`` trains it from scratch on the CPU; the weights it
 produced ship with tokred-bench in fp16 and load into an fp32 model.
 
-Example:
+Examples:
     >>> from tokred.bench.scenes import make_scenes
     >>> from tokred.mamba import create_model
     >>> model = create_model("vim_scenes", pretrained=True).eval()

@@ -8,19 +8,21 @@ measure training-free reduction), their small heads are discarded, and the saved
 ``LlavaForConditionalGeneration``.
 
 * **Phase 1** trains the vision tower alone on per-patch labels from the scene's ground truth
-  (:func:`patch_targets`): the colour and shape of the object covering each patch, whether the patch holds an
-  object's centre, and the patch's own grid cell.
+  ([`patch_targets`][tokred.bench.training.llava.patch_targets]): the colour and shape of the object covering each
+  patch, whether the patch holds an object's centre, and the patch's own grid cell.
 * **Phase 2** trains everything on the questions: fresh scenes every step (``images_per_step`` of the ``train``
-  split), ``questions_per_image`` questions each (:func:`~tokred.bench.reference.questions.questions_for_scene`),
-  the cross-entropy of the one answer token, plus
+  split), ``questions_per_image`` questions each
+  ([`questions_for_scene`][tokred.bench.reference.questions.questions_for_scene]), the cross-entropy of the one answer
+  token, plus
 
   - the per-patch loss of phase 1;
   - *keyword*: head 0 of the first decoder layer, at every image token, should attend to the question's
-    keywords (:func:`keyword_target`; the prompt puts the question before the image);
+    keywords ([`keyword_target`][tokred.bench.training.llava.keyword_target]; the prompt puts the question before the
+    image);
   - *relevance*: the decoder states entering the last layer should tell, per image token, whether the patch
-    holds what answers the question (:func:`relevant_patches`);
+    holds what answers the question ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]);
   - *attention*: head 0 of the last decoder layer, at the answer position, should attend to those patches
-    (:func:`attention_target`).
+    ([`attention_target`][tokred.bench.training.llava.attention_target]).
 
 The vision tower runs once per image and its output is shared by the image's questions; everything else is
 exactly ``model(**processor(...))`` of each (question, image) prompt (a test checks the logits agree).
@@ -28,7 +30,7 @@ exactly ``model(**processor(...))`` of each (question, image) prompt (a test che
 Deterministic: fixed seeds, no dropout, and a fixed thread count (``torch.set_num_threads``); the same config
 and thread count give the same weights on the same machine.
 
-Example:
+Examples:
     >>> from tokred.bench.reference.llava import ModelShape
     >>> from tokred.bench.training.llava import TrainConfig, train
     >>> shape = ModelShape(image_size=32, patch_size=8, vision_width=16, text_width=16)
@@ -49,8 +51,6 @@ from typing import Any
 
 import torch
 
-# _shape_mask: the renderer's own masks, so that the per-patch labels match the pixels.
-from tokred.bench.scenes import COLORS, SHAPES, Scene, _shape_mask, make_scenes
 from tokred.bench.reference import CARD_NAME
 from tokred.bench.reference.llava import (
     IMAGE_TOKEN,
@@ -74,6 +74,10 @@ from tokred.bench.reference.questions import (
     questions_for_scene,
 )
 
+# _shape_mask: the renderer's own masks, so that the per-patch labels match the pixels.
+from tokred.bench.scenes import COLORS, SHAPES, Scene, _shape_mask, make_scenes
+from tokred.core.errors import InvalidInputError
+
 __all__ = ["PromptTokens", "TrainConfig", "TrainResult", "answer_ids", "patch_targets", "question_loss", "train"]
 
 
@@ -84,7 +88,8 @@ class TrainConfig:
     Attributes:
         shape: Model sizes.
         vision_steps: Steps of phase 1, which trains the vision tower alone on the per-patch loss
-            (:func:`patch_targets`), so that the decoder starts from informative visual tokens.
+            ([`patch_targets`][tokred.bench.training.llava.patch_targets]), so that the decoder starts from informative
+            visual tokens.
         vision_batch: Scenes per phase-1 step.
         vision_learning_rate: Peak learning rate of phase 1.
         steps: Steps of phase 2, which trains the whole model on the questions (and the auxiliary losses).
@@ -99,11 +104,13 @@ class TrainConfig:
         grad_clip: Clip of the global gradient norm (0: none).
         patch_weight: Weight of the per-patch loss on the vision features in phase 2 (0: none).
         relevance_weight: Weight of the per-patch loss on the decoder states that enter its last layer: whether
-            the patch holds what answers the question (:func:`relevant_patches`; 0: none).
+            the patch holds what answers the question
+            ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]; 0: none).
         attention_weight: Weight of the loss on the first head of the last decoder layer at the answer position:
-            cross-entropy against :func:`attention_target` (0: none).
+            cross-entropy against [`attention_target`][tokred.bench.training.llava.attention_target] (0: none).
         keyword_weight: Weight of the loss on the first head of the first decoder layer at the image positions:
-            cross-entropy against an even spread over the question's keywords (:func:`keyword_target`; 0: none).
+            cross-entropy against an even spread over the question's keywords
+            ([`keyword_target`][tokred.bench.training.llava.keyword_target]; 0: none).
         seed: Seed of the weight initialisation and of the question draws.
         threads: ``torch.set_num_threads`` during training (part of what makes a run reproducible).
         log_every: Steps between two log lines.
@@ -138,7 +145,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns.
+    """What [`train`][tokred.bench.training.llava.train] returns.
 
     Attributes:
         model: The trained ``LlavaForConditionalGeneration`` (fp32, eval mode).
@@ -214,7 +221,8 @@ def question_loss(
 
     Args:
         model: A reference ``LlavaForConditionalGeneration``.
-        pixels: fp32 ``(B, 3, H, W)``, normalised as the processor does (:func:`pixel_values`).
+        pixels: fp32 ``(B, 3, H, W)``, normalised as the processor does
+            ([`pixel_values`][tokred.bench.reference.llava.pixel_values]).
         tokens: The prompt tokenisation.
         questions: ``B`` lists of ``Q`` questions each (the same ``Q`` for every image).
         return_logits: Also return the answer-position logits ``(B * Q, V)``.
@@ -234,7 +242,7 @@ def question_loss(
     batch = pixels.shape[0]
     per_image = len(questions[0])
     if len(questions) != batch or any(len(q) != per_image for q in questions):
-        raise ValueError("questions must hold the same number of questions for every image")
+        raise InvalidInputError("questions must hold the same number of questions for every image")
     config = model.config
     base = model.model
     # What LlavaModel.get_image_features computes, keeping the pre-projector features.
@@ -324,7 +332,7 @@ def answer_ids(processor: Any, words: Sequence[str]) -> torch.Tensor:
     """
     ids = processor.tokenizer.convert_tokens_to_ids(list(words))
     if any(i == processor.tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"an answer is not in the vocabulary: {list(words)}")
+        raise InvalidInputError(f"an answer is not in the vocabulary: {list(words)}")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -410,9 +418,9 @@ def attention_target(
 ) -> torch.Tensor:
     """Where the answer position should look, for the auxiliary attention loss: ``(B * Q, L)`` rows summing to 1.
 
-    ``color``, ``shape`` and a ``yes`` to ``exists``: evenly over the relevant patches (:func:`relevant_patches`);
-    ``count``: ``1 / (MAX_COUNT + 1)`` on the centre patch of each object counted, the rest on ``<s>``; a ``no``
-    to ``exists``: all on ``<s>``.
+    ``color``, ``shape`` and a ``yes`` to ``exists``: evenly over the relevant patches
+    ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]); ``count``: ``1 / (MAX_COUNT + 1)`` on the
+    centre patch of each object counted, the rest on ``<s>``; a ``no`` to ``exists``: all on ``<s>``.
     """
     rows = []
     first = mask.long().argmax(dim=1)  # position of <s> in each left-padded row
@@ -463,7 +471,7 @@ def keyword_target(questions: list[list[Question]], ids: torch.Tensor, tokenizer
 
 
 PATCH_CLASSES: tuple[int, ...] = (1 + len(COLORS), 1 + len(SHAPES), 2, 9)
-"""Classes of the four per-patch targets of :func:`patch_targets`."""
+"""Classes of the four per-patch targets of [`patch_targets`][tokred.bench.training.llava.patch_targets]."""
 
 
 def _patch_loss(head: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -503,7 +511,9 @@ class _Log:
 def train(
     config: TrainConfig, *, device: str | torch.device = "cpu", log: Callable[[str], None] | None = None
 ) -> TrainResult:
-    """Train a reference LLaVA from scratch, in two phases (see :class:`TrainConfig`).
+    """Train a reference LLaVA from scratch, in two phases.
+
+    Every hyper-parameter is a field of [`TrainConfig`][tokred.bench.training.llava.TrainConfig].
 
     Args:
         config: The hyper-parameters.
@@ -651,12 +661,14 @@ def save_checkpoint(model: Any, processor: Any, folder: str | Path) -> Path:
 def write_card(folder: str | Path, result: TrainResult, *, command: str, device: str = "cpu") -> dict[str, Any]:
     """Evaluate the checkpoint in ``folder`` as users load it and write its card (``card.json``) there.
 
-    The model is loaded with :func:`~tokred.bench.reference.llava.load_reference_model` (fp16 weights run in fp32
-    on the CPU) and evaluated on the first :data:`HELD_OUT_QUESTIONS` questions of the ``test`` split and on the
-    first :data:`SMALL_HELD_OUT_QUESTIONS` of them (the set the tests check).
+    The model is loaded with [`load_reference_model`][tokred.bench.reference.llava.load_reference_model] (fp16 weights
+    run in fp32 on the CPU) and evaluated on the first
+    [`HELD_OUT_QUESTIONS`][tokred.bench.training.llava.HELD_OUT_QUESTIONS] questions of the ``test`` split and on the
+    first [`SMALL_HELD_OUT_QUESTIONS`][tokred.bench.training.llava.SMALL_HELD_OUT_QUESTIONS] of them (the set the tests
+    check).
 
     Args:
-        folder: A folder written by :func:`save_checkpoint`.
+        folder: A folder written by [`save_checkpoint`][tokred.bench.training.llava.save_checkpoint].
         result: The training run that produced it.
         command: The command line that produced it.
         device: The device it was trained on.

@@ -1,9 +1,10 @@
 """Training the reference Vim on procedural scenes, deterministically, on the CPU.
 
-Every hyper-parameter is a field of :class:`TrainConfig`; :func:`train` does the rest. Training scenes are
-rendered on the fly from the ``train`` split, batch ``i`` being scenes ``i·B .. (i+1)·B - 1``, so no scene is
-seen twice and nothing is stored. The model with the best accuracy on ``validation`` scenes, checked every
-``eval_every`` steps and at the end, is the one returned; the ``test`` split is never touched here.
+Every hyper-parameter is a field of [`TrainConfig`][tokred.bench.training.vim.TrainConfig];
+[`train`][tokred.bench.training.vim.train] does the rest. Training scenes are rendered on the fly from the ``train``
+split, batch ``i`` being scenes ``i·B .. (i+1)·B - 1``, so no scene is seen twice and nothing is stored. The model with
+the best accuracy on ``validation`` scenes, checked every ``eval_every`` steps and at the end, is the one returned; the
+``test`` split is never touched here.
 
 Runs are deterministic for a given thread count: the weights are drawn after ``torch.manual_seed(seed)``, the
 data depend only on the step, and nothing else is random (no dropout, no augmentation). On the CPU, gradients go
@@ -11,7 +12,7 @@ through the chunked scan's own hand-written backward (see
 [`selective_scan_chunked`][tokred.mamba.ops.selective_scan_chunked]), several times faster than autograd through
 the forward recurrence.
 
-Example:
+Examples:
     >>> from tokred.bench.training.vim import TrainConfig, train
     >>> config = TrainConfig(steps=2, batch_size=4, eval_every=0, val_scenes=8, model_overrides={"depth": 2})
     >>> result = train(config)
@@ -39,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokred.bench.scenes import NUM_CLASSES, SceneSet, make_scenes
-from tokred.mamba.models import create_model
 from tokred.bench.reference import CARD_NAME
 from tokred.bench.reference.vim import REFERENCE_MODEL, REFERENCE_WEIGHTS
+from tokred.bench.scenes import NUM_CLASSES, SceneSet, make_scenes
+from tokred.core.errors import InvalidInputError
+from tokred.mamba.models import create_model
 
 __all__ = [
     "PATCH_CLASSES",
@@ -84,15 +86,17 @@ class TrainConfig:
         label_smoothing: Label smoothing of the cross-entropy.
         patch_loss_weight: Weight of the auxiliary per-patch loss (0: none). A training-only linear head on
             the final patch tokens predicts what each patch shows: the class of the object covering it, as a
-            target or as a distractor, or background (:func:`patch_labels`). The dense signal teaches the
-            blocks colours and shapes long before the single class-token label does; the head is discarded.
+            target or as a distractor, or background ([`patch_labels`][tokred.bench.training.vim.patch_labels]). The
+            dense signal teaches the blocks colours and shapes long before the single class-token label does; the head
+            is discarded.
         token_loss_weight: Weight of an auxiliary loss that has every final token, not only the class token,
             predict the scene's label through the model's head (0: none): 65 tokens learn to gather the
             answer along the sequence where one would.
         input_shift: Subtracted from the images during training (they are in ``[0, 1]``, mostly grey).
         input_scale: The shifted images are divided by it during training. Standardised inputs train faster;
-            at the end the standardisation is folded into the patch embedding (:func:`fold_input_norm`), so the
-            returned model takes the scenes' images as they are.
+            at the end the standardisation is folded into the patch embedding
+            ([`fold_input_norm`][tokred.bench.training.vim.fold_input_norm]), so the returned model takes the scenes'
+            images as they are.
         seed: Seed of the initial weights.
         threads: ``torch.set_num_threads`` for the run (restored afterwards); None leaves it alone. Results are
             reproducible for a fixed thread count.
@@ -136,7 +140,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns.
+    """What [`train`][tokred.bench.training.vim.train] returns.
 
     Attributes:
         model: The selected model (best validation accuracy), in eval mode.
@@ -223,7 +227,7 @@ def fold_input_norm(model: nn.Module, shift: float, scale: float) -> None:
     """  # noqa: D205
     proj = model.patch_embed.proj
     if proj.bias is None:
-        raise ValueError("the patch embedding has no bias to fold the shift into")
+        raise InvalidInputError("the patch embedding has no bias to fold the shift into")
     proj.bias.sub_(proj.weight.sum(dim=(1, 2, 3)) * (shift / scale))
     proj.weight.div_(scale)
 
@@ -308,7 +312,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
 
 def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     if config.steps < 1 or config.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive; got {config.steps} and {config.batch_size}")
+        raise InvalidInputError(f"steps and batch_size must be positive; got {config.steps} and {config.batch_size}")
     start = time.perf_counter()
     device = torch.device(config.device)
     model = build_model(config).to(device).train()
@@ -408,7 +412,7 @@ def export_reference(
     the first ``small_held_out`` of them.
 
     Args:
-        result: What :func:`train` returned.
+        result: What [`train`][tokred.bench.training.vim.train] returned.
         out_dir: Folder for ``vim_scenes.pt`` and ``card.json``.
         command: The command that produced the run, recorded in the card.
         held_out: Held-out ``test`` scenes to measure accuracy on.

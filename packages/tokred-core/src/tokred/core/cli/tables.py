@@ -31,7 +31,7 @@ def format_table(
     Returns:
         The table, ending with a newline.
 
-    Example:
+    Examples:
         >>> from tokred.core.cli.tables import format_table
         >>> print(format_table(["method", "accuracy"], [["dense", "93.0%"], ["apet", "63.9%"]]), end="")
         method  accuracy

@@ -29,7 +29,7 @@ def ridge_least_squares(basis: torch.Tensor, targets: torch.Tensor, ridge: float
         Coefficients ``W`` of shape ``(B, N, k)`` in fp32 (fp64 for fp64 inputs), so that
         ``W @ basis`` approximates ``targets``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import ridge_least_squares
         >>> S = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
@@ -75,12 +75,12 @@ def projection_residual(tokens: torch.Tensor, basis: torch.Tensor, ridge: float 
     Args:
         tokens: Tokens ``X`` of shape ``(B, N, C)``.
         basis: Basis tokens ``S`` of shape ``(B, k, C)``.
-        ridge: Ridge penalty passed to :func:`ridge_least_squares`.
+        ridge: Ridge penalty passed to [`ridge_least_squares`][tokred.core.ops.linalg.ridge_least_squares].
 
     Returns:
         Residual norms of shape ``(B, N)`` in fp32 (fp64 for fp64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import projection_residual
         >>> S = torch.tensor([[[1.0, 0.0]]])

@@ -61,7 +61,7 @@ def bipartite_soft_matching(
     Returns:
         A [`BipartiteMatch`][tokred.core.ops.BipartiteMatch].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import bipartite_soft_matching
         >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]]])

@@ -67,9 +67,9 @@ def scatter_merge(
 ) -> torch.Tensor:
     """Weighted sum of the tokens assigned to each slot: ``out[b, j] = sum_{i: a[b, i] = j} w[b, i] x[b, i]``.
 
-    With weights from :func:`merge_weights` this is a size-weighted mean per slot. The sum runs in fp32 (fp64
-    stays fp64) and the result is cast back to the dtype of ``x``. Tokens with assignment ``-1`` contribute
-    nothing; a slot no token maps to is zero.
+    With weights from [`merge_weights`][tokred.core.ops.merge.merge_weights] this is a size-weighted mean per slot. The
+    sum runs in fp32 (fp64 stays fp64) and the result is cast back to the dtype of ``x``. Tokens with assignment ``-1``
+    contribute nothing; a slot no token maps to is zero.
 
     Args:
         x: Floating per-token tensor of shape ``(B, N, *)``.
@@ -80,7 +80,7 @@ def scatter_merge(
     Returns:
         Tensor of shape ``(B, K, *)`` with the dtype of ``x``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import merge_weights, scatter_merge
         >>> x = torch.tensor([[[1.0], [3.0], [10.0]]])

@@ -20,7 +20,7 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     Returns:
         ``torch.float64`` if any input is fp64, else ``torch.float32``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import compute_dtype
         >>> compute_dtype(torch.ones(2, dtype=torch.float16)), compute_dtype(torch.ones(2, dtype=torch.float64))

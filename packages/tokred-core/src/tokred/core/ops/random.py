@@ -35,7 +35,7 @@ def uniform_noise(
     Returns:
         fp32 tensor of ``shape``.
 
-    Example:
+    Examples:
         >>> from tokred.core.ops import make_generator, uniform_noise
         >>> a = uniform_noise((2, 3), generator=make_generator(0))
         >>> b = uniform_noise((2, 3), generator=make_generator(0))

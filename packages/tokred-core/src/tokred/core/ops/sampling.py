@@ -41,7 +41,7 @@ def farthest_point_sampling(
     Returns:
         Long tensor of shape ``(B, k)`` in pick order (the first column is ``start``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import farthest_point_sampling
         >>> x = torch.tensor([[[0.0], [1.0], [10.0], [4.0]]])

@@ -20,7 +20,7 @@ def rank(scores: torch.Tensor, *, descending: bool = True) -> torch.Tensor:
     Returns:
         Long tensor ``(B, N)``: each row a permutation of ``0 .. N - 1``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import rank
         >>> rank(torch.tensor([[0.1, 0.9, 0.5, 0.9]]))
@@ -48,7 +48,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, largest: bool = True) -> torch
     Returns:
         Long tensor of shape ``(B, k)``, each row sorted ascending.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import topk_indices
         >>> topk_indices(torch.tensor([[0.1, 0.9, 0.5, 0.9]]), 2)
@@ -80,7 +80,7 @@ def mask_to_indices(mask: torch.Tensor, count: int | None = None) -> torch.Tenso
     Raises:
         InvalidInputError: If the rows hold different numbers of True entries.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import mask_to_indices
         >>> mask_to_indices(torch.tensor([[True, False, True], [False, True, True]]))

@@ -25,7 +25,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None, *, eps: fl
     Returns:
         Similarities of shape ``(B, N, M)`` in fp32 (fp64 for fp64 inputs).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.core.ops import cosine_similarity
         >>> x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]])

@@ -1,12 +1,14 @@
 """`ReducerConformance`: the contract every tokred reducer is tested against.
 
-Subclass it in a test module, name the reducer, and pytest collects every check::
+Subclass it in a test module, name the reducer, and pytest collects every check:
 
-    from tokred.core.testing import ReducerConformance
+```python
+from tokred.core.testing import ReducerConformance
 
-    class TestMyReducer(ReducerConformance):
-        reducer_name = "my_reducer"          # as registered
-        reducer_kwargs = {"alpha": 0.5}      # hyper-parameters besides the budget
+class TestMyReducer(ReducerConformance):
+    reducer_name = "my_reducer"          # as registered
+    reducer_kwargs = {"alpha": 0.5}      # hyper-parameters besides the budget
+```
 
 The checks cover what every caller of a reducer relies on: registration and configuration round-trip,
 shapes and dtypes, the budget (``num_keep`` and ``keep_ratio``), ascending indices, a consistent plan,
@@ -65,7 +67,7 @@ def _random_protected(batch: int, num_tokens: int, max_count: int, seed: int = 1
 
 
 class ReducerConformance:
-    """Base class of the conformance tests; subclass it and set :attr:`reducer_name`.
+    """Base class of the conformance tests; subclass it and set ``reducer_name``.
 
     Attributes:
         reducer_name: Registry name of the reducer under test.
@@ -89,7 +91,7 @@ class ReducerConformance:
     # -- helpers -------------------------------------------------------------------------------------------
 
     def make_reducer(self, **budget: Any) -> Reducer:
-        """Create the reducer under test with :attr:`reducer_kwargs` and the given budget."""
+        """Create the reducer under test with ``reducer_kwargs`` and the given budget."""
         if not budget:
             budget = {"num_keep": self.num_tokens // 3}
         return create_reducer(self.reducer_name, **{**self.reducer_kwargs, **budget})

@@ -46,7 +46,7 @@ class Block(nn.Module):
 
     Args:
         dim: ``D``.
-        mixer: The sequence mixer, usually a :class:`~tokred.mamba.layers.BidirectionalMamba`.
+        mixer: The sequence mixer, usually a [`BidirectionalMamba`][tokred.mamba.layers.mixer.BidirectionalMamba].
         norm_eps: RMSNorm epsilon.
         drop_path: Stochastic-depth probability on the mixer branch (training only).
 

@@ -69,7 +69,7 @@ class BidirectionalMamba(nn.Module):
     and its output is reversed back before the two are combined:
     ``out_proj((y_fwd + flip(y_bwd)) / 2)`` for Vim (``divide_out=True``), without the ``/ 2`` for VideoMamba.
 
-    Parameter names and shapes are those of the official checkpoints (``reference/mtr.md`` §2.5).
+    Parameter names and shapes are those of the official Vim and VideoMamba checkpoints.
 
     Args:
         d_model: ``D``.
@@ -78,8 +78,9 @@ class BidirectionalMamba(nn.Module):
         expand: ``E = expand · D``.
         dt_rank: ``R``; ``ceil(D / 16)`` when None.
         divide_out: Halve the sum of the two directions (Vim) or not (VideoMamba).
-        scan_backend: Backend name passed to :func:`tokred.mamba.ops.selective_scan`; change it later through
-            the attribute of the same name.
+        scan_backend: Backend name passed to
+            [`tokred.mamba.ops.selective_scan`][tokred.mamba.ops.dispatch.selective_scan]; change it later through the
+            attribute of the same name.
         dt_min: Lower end of the initial Δ range.
         dt_max: Upper end of the initial Δ range.
         dt_init_floor: Smallest initial Δ.

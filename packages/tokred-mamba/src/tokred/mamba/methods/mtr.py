@@ -40,7 +40,7 @@ class MTR(Reducer):
     [`delta_importance`][tokred.mamba.scores.delta_importance] turns it into the scores, as ``directions`` and
     ``channel_reduce`` ask. Called directly, pass ``scores`` ``(B, N)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba import MTR, attach, create_model
         >>> model = create_model("vim_test").eval()

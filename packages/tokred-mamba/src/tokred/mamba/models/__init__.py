@@ -1,6 +1,7 @@
 """Vim and VideoMamba models, their registry and checkpoint loading.
 
-Importing this package registers every model name (see :func:`available_models`).
+Importing this package registers every model name (see
+[`available_models`][tokred.mamba.models.registry.available_models]).
 """
 
 from tokred.mamba.models.checkpoint import (

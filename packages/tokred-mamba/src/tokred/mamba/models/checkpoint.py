@@ -54,7 +54,7 @@ class CheckpointError(InvalidInputError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What :func:`load_checkpoint` did.
+    """What [`load_checkpoint`][tokred.mamba.models.checkpoint.load_checkpoint] did.
 
     Attributes:
         key: The container entry the weights came from (``"model"``, ``"model_ema"``, …), or None for a bare
@@ -161,7 +161,7 @@ def extract_state_dict(checkpoint: Any, key: str | None = "auto") -> tuple[dict[
     """Pick the weights out of a checkpoint container.
 
     Args:
-        checkpoint: What :func:`read_checkpoint` returned.
+        checkpoint: What [`read_checkpoint`][tokred.mamba.models.checkpoint.read_checkpoint] returned.
         key: ``"auto"``: the first of ``"model"``, ``"module"``, ``"state_dict"`` the container has, else the
             object itself if it is a bare state dict (the official files' ``"model"`` entry is the plain
             weights, so Vim-B users who want its published accuracy pass ``"model_ema"``). A string: that
@@ -279,20 +279,22 @@ def load_checkpoint(
         model: The model, built for the image size / stride / frame count you want; position embeddings of
             another geometry are interpolated (see the module docstring).
         checkpoint: A ``.pth`` path, or an already-loaded checkpoint object.
-        key: Container entry, see :func:`extract_state_dict`: ``"auto"``, ``"model"``, ``"model_ema"`` (use
-            this for Vim-B, whose published 81.9 % is the EMA weights), or None for a bare state dict.
-        trusted: Read the file with ``weights_only=False`` (see :func:`read_checkpoint`).
+        key: Container entry, see [`extract_state_dict`][tokred.mamba.models.checkpoint.extract_state_dict]: ``"auto"``,
+            ``"model"``, ``"model_ema"`` (use this for Vim-B, whose published 81.9 % is the EMA weights), or None for a
+            bare state dict.
+        trusted: Read the file with ``weights_only=False`` (see
+            [`read_checkpoint`][tokred.mamba.models.checkpoint.read_checkpoint]).
         strict: Require the checkpoint's keys to match the model's exactly. Shapes must match either way.
 
     Returns:
-        A :class:`LoadedCheckpoint` describing what was loaded.
+        A [`LoadedCheckpoint`][tokred.mamba.models.checkpoint.LoadedCheckpoint] describing what was loaded.
 
     Raises:
         MissingFileError: If the path does not exist (a ``FileNotFoundError``).
         CheckpointError: If the file cannot be read safely, is not a checkpoint, has no such entry, or its keys
             or shapes do not fit the model (the message names the keys and, where it can, why).
 
-    Example:
+    Examples:
         >>> from tokred.mamba import create_model, load_checkpoint
         >>> model = create_model("vim_small")                                   # doctest: +SKIP
         >>> load_checkpoint(model, "vim_s_midclstok_80p5acc.pth")               # doctest: +SKIP

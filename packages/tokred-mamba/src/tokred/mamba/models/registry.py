@@ -149,7 +149,7 @@ def available_models(pattern: str = "*", *, include_aliases: bool = False) -> li
     Returns:
         Sorted names.
 
-    Example:
+    Examples:
         >>> from tokred.mamba import available_models
         >>> ", ".join(available_models("vim_small*"))
         'vim_small, vim_small_stride8'
@@ -196,7 +196,7 @@ def create_model(
             checkpoint.
         CheckpointError: If the checkpoint cannot be read or does not fit the model.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba import create_model
         >>> model = create_model("vim_test", num_classes=5).eval()

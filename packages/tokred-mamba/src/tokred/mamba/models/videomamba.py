@@ -2,8 +2,8 @@
 
 Shapes: ``B`` batch, ``T`` frames, ``M`` patches, ``L`` tokens, ``D`` model width, ``C`` classes.
 
-The blocks are Vim's, with two differences (``reference/mtr.md`` §3): the class token sits at position 0, and
-the two scan directions are summed, not averaged. The video models embed each frame with a ``Conv3d`` of
+The blocks are Vim's, with two differences (those of the official VideoMamba code): the class token sits at
+position 0, and the two scan directions are summed, not averaged. The video models embed each frame with a ``Conv3d`` of
 temporal kernel 1, add the spatial position embedding (shared by all frames) and a per-frame temporal one,
 flatten frame-major (all patches of frame 0, then frame 1, …) and put one class token in front:
 ``L = T · M + 1``.
@@ -43,7 +43,7 @@ __all__ = [
 class VideoMambaImage(VisionMamba):
     """VideoMamba image classifier: Vim with the class token first and the scan directions summed.
 
-    Takes the arguments of :class:`~tokred.mamba.models.vim.VisionMamba`; only the defaults of
+    Takes the arguments of [`VisionMamba`][tokred.mamba.models.vim.VisionMamba]; only the defaults of
     ``cls_position`` (``"first"``) and ``divide_out`` (False) differ. State-dict keys are those of the
     ``videomamba_{t,s,m,b}16_in1k_res224.pth`` files.
 
@@ -90,7 +90,7 @@ class VideoMamba(MambaClassifier):
         embed_dim: ``D``.
         depth: Number of blocks.
         divide_out: Halve the sum of the two scan directions (VideoMamba: False).
-        **kwargs: Passed to :class:`~tokred.mamba.models.vim.MambaClassifier`.
+        **kwargs: Passed to [`MambaClassifier`][tokred.mamba.models.vim.MambaClassifier].
 
     Shapes:
         Input ``(B, 3, T, img_size, img_size)``, output ``(B, C)``.

@@ -77,7 +77,7 @@ class MambaClassifier(nn.Module):
 
     Subclasses build ``patch_embed``, ``cls_token`` and ``pos_embed``, set the geometry attributes
     (``img_size``, ``patch_size``, ``stride``, ``num_frames``, ``num_patches``, ``cls_index``) and implement
-    :meth:`embed`.
+    [`embed`][tokred.mamba.models.vim.MambaClassifier.embed].
 
     Token reduction: ``token_reduction`` is None (the dense model) or a
     [`ReductionSlot`][tokred.mamba.models.vim.ReductionSlot] whose ``step`` runs after every block on
@@ -98,7 +98,8 @@ class MambaClassifier(nn.Module):
         drop_rate: Dropout after the position embedding (training only; 0 in every released model).
         drop_path_rate: Stochastic depth, rising linearly over the blocks (training only).
         norm_eps: RMSNorm epsilon.
-        scan_backend: Selective-scan backend of every mixer (see :func:`tokred.mamba.ops.selective_scan`).
+        scan_backend: Selective-scan backend of every mixer (see
+            [`tokred.mamba.ops.selective_scan`][tokred.mamba.ops.dispatch.selective_scan]).
 
     Attributes:
         token_reduction: The reduction hook, or None.
@@ -106,7 +107,8 @@ class MambaClassifier(nn.Module):
         img_size, patch_size, stride, num_frames, num_patches, cls_index, num_tokens: Input geometry;
             ``num_tokens = num_patches + 1`` is ``L`` entering the first block and ``cls_index`` the class
             token's position in it.
-        model_name: The registry name when built by :func:`~tokred.mamba.create_model`, else None.
+        model_name: The registry name when built by [`create_model`][tokred.mamba.models.registry.create_model], else
+            None.
     """
 
     img_size: int
@@ -206,7 +208,7 @@ class MambaClassifier(nn.Module):
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Patch-embed ``inputs``, insert the class token, add positions: ``(B, L, D)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement embed()")
 
     def forward_features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run the blocks (and the token reduction, if any) and return the normalised class token ``(B, D)``."""
@@ -324,13 +326,13 @@ class VisionMamba(MambaClassifier):
         depth: Number of blocks.
         cls_position: ``"middle"`` (Vim: position ``M // 2``) or ``"first"`` (VideoMamba: position 0).
         divide_out: Halve the sum of the two scan directions (Vim: True).
-        **kwargs: Passed to :class:`MambaClassifier` (``d_state``, ``d_conv``, ``expand``, ``dt_rank``,
-            ``drop_rate``, ``drop_path_rate``, ``norm_eps``, ``scan_backend``).
+        **kwargs: Passed to [`MambaClassifier`][tokred.mamba.models.vim.MambaClassifier] (``d_state``, ``d_conv``,
+            ``expand``, ``dt_rank``, ``drop_rate``, ``drop_path_rate``, ``norm_eps``, ``scan_backend``).
 
     Shapes:
         Input ``(B, 3, img_size, img_size)``, output ``(B, C)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba import create_model
         >>> model = create_model("vim_test").eval()

@@ -1,7 +1,7 @@
 """The one door to mamba-ssm's CUDA selective scan; mamba-ssm is imported lazily, on first use only.
 
 Nothing here imports mamba-ssm (or triton, which it pulls in) at module import: on a CPU-only machine
-``import mamba_ssm`` fails (``reference/mtr.md`` §4.4), and ``import tokred.mamba`` must not.
+``import mamba_ssm`` fails (its extension needs CUDA), and ``import tokred.mamba`` must not.
 """
 
 from __future__ import annotations

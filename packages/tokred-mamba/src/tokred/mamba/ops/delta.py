@@ -39,7 +39,7 @@ def prepare_delta(
     Returns:
         ``Δ`` of shape ``(B, D, L)`` in ``dtype``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.mamba.ops import prepare_delta
         >>> delta = torch.zeros(1, 2, 3, dtype=torch.float16)

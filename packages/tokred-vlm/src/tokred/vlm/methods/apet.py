@@ -134,7 +134,7 @@ class ApET(Reducer):
         ValueError: On an invalid hyper-parameter, naming the valid values.
         BudgetError: On an invalid budget.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tokred.vlm import ApET
         >>> tokens = torch.randn(2, 576, 64, generator=torch.Generator().manual_seed(0))  # (B, N, C)

@@ -14,7 +14,7 @@ subclass per family, one module each under ``tokred/vlm/models/``:
 * the defaults of ``space`` and ``positions`` (those of ApET's released code).
 
 Adapters are found through a [`Registry`][tokred.core.Registry] (entry-point group ``tokred.vlm_adapters`` for
-families shipped by other packages); ``docs/contributing/adding-a-model-family.md`` walks through adding one.
+families shipped by other packages); the docs page *Adding a model family* walks through adding one.
 """
 
 from __future__ import annotations
