@@ -229,7 +229,6 @@ def _build_reducer(args: argparse.Namespace) -> Any | None:
     if clash:
         raise IncompatibleReducerError(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
     from tokred.core import create_reducer, get_reducer_class
-
     from tokred.vlm.attachment import _check_reducer
 
     if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
