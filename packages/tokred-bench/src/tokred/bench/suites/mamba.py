@@ -300,7 +300,7 @@ class MambaSuite(ReferenceSuite):
                 images.append(path)
         notes.append(
             "pictures: each scene's patches as its forward left them: kept (white frame), a kept token that "
-            "absorbed others (thick frame in its colour), merged into it (thin frame in that colour), dropped (grey)"
+            "absorbed others (thick frame in its colour), merged into it (corner marks in that colour), dropped (grey)"
         )
 
         rows, records = [], []

@@ -356,8 +356,8 @@ class VLMSuite(ReferenceSuite):
         tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
         notes = [
             f"{method} keeps {kept:g} of {total} visual tokens per image ({kept / total:.0%}); "
-            f"plans drawn in {path.name}: kept patches framed, merged ones framed in the colour of the token they "
-            "joined, dropped ones grey",
+            f"plans drawn in {path.name}: kept patches framed, merged ones with corner marks in the colour of the "
+            "token they joined, dropped ones grey",
             f"prefill per example: dense {dense_gflops:.3f} GFLOPs, {dense_seconds / count * 1000:.2f} ms; "
             f"{method} {reduced_gflops:.3f} GFLOPs, {reduced_seconds / count * 1000:.2f} ms",
             f"accuracy on {small} held-out questions (test split): dense {dense_accuracy.accuracy:.1%}, "
