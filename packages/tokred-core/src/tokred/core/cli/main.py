@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import NoReturn
@@ -125,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return USAGE_ERROR  # a missing subcommand is a usage error, as argparse treats an unknown one
     name = getattr(args, "command_name", None) or f"tokred {args.command}"
+    format_warning = warnings.formatwarning
+    if not debug:  # a warning is one line naming the command, like an error; --debug keeps file and line
+        warnings.formatwarning = lambda message, *_, **__: f"{name}: warning: {_one_line(message)}\n"
     try:
         return int(func(args) or 0)
     except BrokenPipeError:
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
 
 
 def _silence_stdout() -> None:
