@@ -157,38 +157,14 @@ def _logits_detached(model, inputs, handle):
         handle._install()
 
 
-def test_labels_are_refused(llava):
-    inputs = tiny_inputs(llava, ROWS)
-    llava.train()
-    try:
-        with (
-            attach(llava, create_reducer("norm", num_keep=3)),
-            pytest.raises(ValueError, match="does not support labels"),
-        ):
-            llava(**inputs, labels=inputs["input_ids"])
-    finally:
-        llava.eval()
-
-
-def test_images_without_placeholders_are_refused(llava):
+def test_images_without_placeholders_raise_the_models_own_error(llava):
     inputs = tiny_inputs(llava, ROWS)
     inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, 5)
-    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="no image placeholder"):
+    with pytest.raises(ValueError) as unmodified:
         _logits(llava, inputs)
-
-
-def test_placeholder_count_disagreeing_with_images_is_refused(llava):
-    inputs = tiny_inputs(llava, ROWS)
-    inputs["pixel_values"] = inputs["pixel_values"][:2]  # three images in the prompt, two given
-    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="placeholder tokens"):
+    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError) as attached:
         _logits(llava, inputs)
-
-
-def test_placeholders_without_images_are_refused(llava):
-    inputs = tiny_inputs(llava, ROWS)
-    del inputs["pixel_values"]
-    with attach(llava, create_reducer("norm", num_keep=3)), pytest.raises(ValueError, match="no image inputs"):
-        _logits(llava, inputs)
+    assert str(attached.value) == str(unmodified.value)
 
 
 class _WrongCount(Reducer):

@@ -8,18 +8,9 @@ import torch
 from tokred.core import create_reducer
 from tokred.vlm import attach
 from tokred.vlm.models import ADAPTERS
-from tokred.vlm.testing import FAMILIES, Image, Video, tiny_inputs, tiny_model
+from tokred.vlm.testing import FAMILIES, SAMPLE_ROWS, Image, Video, tiny_inputs, tiny_model
 
-# Rows per family: a left-padded batch with a different number of images per row, videos where the model takes
-# them. Anyres images have pinpoint sizes so the reference can write their crops out by hand.
-ROWS = {
-    "llava": [[3, Image(), 4], [2, Image(), 3, Image(), 2]],
-    "llava_next": [[3, Image(28, 56), 4], [2, Image(56, 56), 2, Image(56, 28), 2]],
-    "qwen2_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
-    "qwen2_5_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
-    "llava_onevision": [[3, Image(56, 56), 4], [2, Video(2), 2]],
-    "video_llava": [[3, Image(), 4], [2, Video(2), 2]],
-}
+ROWS = SAMPLE_ROWS
 FAMILY = {name: ADAPTERS.get(name) for name in ADAPTERS.names()}
 STEPS = 4
 

@@ -41,13 +41,15 @@ from tokred.core.errors import (
 )
 from tokred.core.reducer import Reducer
 from tokred.vlm.hooks.encoding import EncodeRecorder, bind_arguments
-from tokred.vlm.hooks.placeholders import (
-    VisualTokens,
-    collect_visual_tokens,
-    encode_pixels,
-    refuse_orphan_placeholders,
+from tokred.vlm.hooks.placeholders import VisualTokens, collect_visual_tokens, encode_pixels
+from tokred.vlm.hooks.surgery import (
+    Survivors,
+    cache_of,
+    reduce_prefill,
+    sequence_state,
+    skip_cached_tokens,
+    translate_decode,
 )
-from tokred.vlm.hooks.surgery import cache_of, reduce_prefill, sequence_state, translate_decode
 from tokred.vlm.models.base import ModelAdapter, Positions, Space, VideoGroups, adapter_class_for
 from tokred.vlm.results import GroupPlan, PrefillStats
 
@@ -125,6 +127,7 @@ class Attachment:
             self._wrap(base, f"get_{modality}_features", functools.partial(self._encoder.encode, modality))
         if self.adapter.packed_modalities:
             self._wrap(base, "pack_image_features", self._encoder.pack)
+        self._wrap_loss_function()
         setattr(model, _MARKER_ATTRIBUTE, self)
         self._attached = True
 
@@ -143,6 +146,31 @@ class Attachment:
 
         setattr(owner, name, wrapper)
         self._undo.append(lambda: delattr(owner, name))
+
+    def _wrap_loss_function(self) -> None:
+        """Route the model's loss through [`_loss_function`][tokred.vlm.Attachment._loss_function], on the instance.
+
+        ``PreTrainedModel.loss_function`` is a property whose setter stores ``_loss_function``; a value set there
+        before attach is restored on detach.
+        """
+        model = self.model
+        had_own = "_loss_function" in vars(model)
+        previous = vars(model).get("_loss_function")
+        original = model.loss_function
+
+        @functools.wraps(original)
+        def loss_function(*args: Any, **kwargs: Any) -> Any:
+            return self._loss_function(original, *args, **kwargs)
+
+        model._loss_function = loss_function
+
+        def undo() -> None:
+            if had_own:
+                model._loss_function = previous
+            else:
+                del model._loss_function
+
+        self._undo.append(undo)
 
     def detach(self) -> None:
         """Remove every hook and wrapper; the model behaves exactly as before [`attach`][tokred.vlm.attach].
@@ -178,16 +206,25 @@ class Attachment:
 
     # ---------------------------------------------------------------------------------------------- hooks
     def _top_pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Refuse labels: the reduced sequence is shorter than they are, so the loss would be misaligned."""
-        labels = kwargs.get("labels")
-        if labels is None and args:
-            labels = bind_arguments(module.forward, args, kwargs).get("labels")
-        if labels is not None:
-            raise InvalidInputError(
-                "tokred.vlm.attach does not support labels: the reduced sequence is shorter than the labels, "
-                "so the loss would be misaligned. Detach the reducer for training or loss computation "
-                "(handle.detach()), or compute the loss yourself on the suffix of the logits, which stays aligned."
-            )
+        """Note whether this call computes a loss: the prefill then hands its survivor columns to the loss."""
+        if args:
+            kwargs = bind_arguments(module.forward, args, kwargs)
+        self._calls.loss = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+        self._calls.survivors = None
+
+    def _loss_function(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The model's loss on the reduced sequence: labels gathered with the prefill's survivor columns.
+
+        Visual positions carry the ignore index, so the gathered labels define the loss over exactly the text
+        tokens the full sequence had; when nothing was dropped the labels are used as given.
+        """
+        survivors: Survivors | None = getattr(self._calls, "survivors", None)
+        self._calls.survivors = None
+        if survivors is not None:
+            for key in ("labels", "shift_labels"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = survivors.gather_labels(kwargs[key])
+        return original(*args, **kwargs)
 
     def _base_pre_hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -201,11 +238,15 @@ class Attachment:
         encoded = newly_encoded if newly_encoded is not None else dict(kwargs.get("mm_encoder_outputs") or {})
         input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         _, cache = cache_of(kwargs)
-        past = int(cache.get_seq_length()) if cache is not None else 0
         if not any(encoded.get(m) is not None for m in self.adapter.modalities):
-            refuse_orphan_placeholders(self.adapter, input_ids, past)
-            return None
-        if past > 0:
+            # No visual inputs: text, a decode step, or placeholders without pixels (which the model embeds as
+            # ordinary tokens, and so does an attached model). A cache continued with the whole sequence again
+            # is the one case that needs rewriting.
+            state = sequence_state(cache, self._id)
+            if state is None:
+                return None
+            return args, skip_cached_tokens(kwargs, state, cache)
+        if cache is not None and int(cache.get_seq_length()) > 0:
             raise UnsupportedError(
                 "tokred.vlm reduces visual tokens only in a prefill that starts from an empty cache: continuing a "
                 "cache with new images or videos, and chunked prefill (generate's prefill_chunk_size), are not "
@@ -236,6 +277,7 @@ class Attachment:
             kwargs = bind_arguments(module.forward, args, kwargs)
             args = ()
         if visual is not None:
+            visual.raise_if_mismatched()  # the model accepted placeholders its features do not fill
             kwargs, result = reduce_prefill(
                 module,
                 kwargs,
@@ -245,6 +287,8 @@ class Attachment:
                 positions=self.positions,
                 record_plans=self.record_plans,
             )
+            if getattr(self._calls, "loss", False):
+                self._calls.survivors = result.survivors
             with self._publish:  # the stats and plans of one prefill are published together
                 self.last_stats = result.stats
                 if self.record_plans:

@@ -17,6 +17,7 @@ from tokred.core.errors import UnsupportedError
 __all__ = [
     "compact_positions",
     "decode_positions",
+    "packed_segments",
     "padding_mask_from",
     "survivor_index",
 ]
@@ -87,8 +88,39 @@ def padding_mask_from(attention_mask: object, batch: int, length: int, device: t
     raise UnsupportedError(f"tokred.vlm cannot read an attention mask of shape {tuple(attention_mask.shape)}")
 
 
+def packed_segments(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    """The sequence of each token of packed (padding-free) rows, as transformers finds them, or None.
+
+    transformers reads several sequences packed into one row off the text positions: a new sequence starts
+    wherever the position does not continue by one. The text positions are the positions themselves, or the
+    first row of the 4-row M-RoPE layout.
+
+    Args:
+        positions: ``(B, L)``, ``(3, B, L)`` or ``(4, B, L)`` original positions.
+        valid: Bool ``(B, L)`` non-padding tokens (packed rows have none).
+
+    Returns:
+        Long ``(B, L)`` sequence ids counted from 0 in each row, or None when every row holds one sequence
+        (or the layout has no text row to read them from).
+    """
+    if positions.dim() == 2:
+        text = positions
+    elif positions.shape[0] == 4:
+        text = positions[0]
+    else:
+        return None
+    step = torch.diff(text, prepend=text[:, :1] - 1, dim=-1)
+    segments = ((step != 1) & valid).long().cumsum(dim=-1)
+    return segments if bool((segments[:, -1] > 0).any()) else None
+
+
 def compact_positions(
-    positions: torch.Tensor, survive: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor
+    positions: torch.Tensor,
+    survive: torch.Tensor,
+    valid: torch.Tensor,
+    group_ids: torch.Tensor | None,
+    *,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions with the gaps left by dropped tokens closed, computed in original coordinates.
 
@@ -98,45 +130,66 @@ def compact_positions(
     tokens to the group's start corner (each axis on its own, offsets between kept tokens unchanged), so the
     group spans only what its kept tokens cover, and shifts everything after it down by what was saved. The
     text row of the 4-row layout is numbered like one-row positions. Both rules leave positions unchanged when
-    nothing is dropped.
+    nothing is dropped. Packed rows are compacted one sequence at a time.
 
     Args:
         positions: ``(B, L)``, ``(3, B, L)`` or ``(4, B, L)`` original positions.
         survive: Bool ``(B, L)`` surviving tokens.
         valid: Bool ``(B, L)`` non-padding tokens.
-        group_ids: Long ``(B, L)``, the visual group of each token, ``-1`` for text.
+        group_ids: Long ``(B, L)``, the visual group of each token, ``-1`` for text (needed for M-RoPE only).
+        segments: Long ``(B, L)``, the packed sequence of each token
+            ([`packed_segments`][tokred.vlm.sequence.packed_segments]), or None for one sequence per row.
 
     Returns:
         Positions of the same shape and dtype; entries of dropped or padding tokens are unchanged.
     """
     if positions.dim() == 2:
-        return _compact_one_row(positions, survive, valid)
+        return _compact_one_row(positions, survive, valid, segments)
+    if group_ids is None:
+        raise ValueError("compact_positions needs group_ids for M-RoPE positions")
     out = positions.clone()
     rows = positions.shape[0]
     first = 0
     if rows == 4:
-        out[0] = _compact_one_row(positions[0], survive, valid)
+        out[0] = _compact_one_row(positions[0], survive, valid, segments)
         first = 1
-    out[first:] = _compact_mrope(positions[first:], survive, group_ids)
+    out[first:] = _compact_mrope(positions[first:], survive, group_ids, segments)
     return out
 
 
-def _compact_one_row(positions: torch.Tensor, survive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    first_valid = valid.to(torch.int8).argmax(dim=1)
-    start = positions.gather(1, first_valid.unsqueeze(1))  # (B, 1)
-    rank = survive.long().cumsum(dim=1) - 1
+def _compact_one_row(
+    positions: torch.Tensor, survive: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor | None
+) -> torch.Tensor:
+    alive = survive.long().cumsum(dim=1)
+    if segments is None:
+        first_valid = valid.to(torch.int8).argmax(dim=1)
+        start = positions.gather(1, first_valid.unsqueeze(1))  # (B, 1)
+        rank = alive - 1
+    else:
+        columns = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        begins = torch.ones_like(survive)
+        begins[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(begins, columns, 0).cummax(dim=1).values  # first column of each token's sequence
+        start = positions.gather(1, first)
+        rank = alive - alive.gather(1, first) + survive.long().gather(1, first) - 1
     return torch.where(survive, start + rank.to(positions.dtype), positions)
 
 
-def _compact_mrope(positions: torch.Tensor, survive: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+def _compact_mrope(
+    positions: torch.Tensor, survive: torch.Tensor, group_ids: torch.Tensor, segments: torch.Tensor | None
+) -> torch.Tensor:
     out = positions.clone()
     for row in range(positions.shape[1]):
         pos, alive = positions[:, row], survive[row]  # (R, L), (L,)
-        # Runs of equal group id (text runs included) are handled as one slice each.
         ids = group_ids[row]
-        starts = [*torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).squeeze(1).tolist(), ids.numel()]
-        shift = 0
+        sequence = segments[row] if segments is not None else torch.zeros_like(ids)
+        # Runs of equal group id within one sequence (text runs included) are handled as one slice each.
+        change = (torch.diff(ids, prepend=ids[:1] - 1) != 0) | (torch.diff(sequence, prepend=sequence[:1] - 1) != 0)
+        starts = [*torch.nonzero(change).squeeze(1).tolist(), ids.numel()]
+        shift, current = 0, None
         for column, end in itertools.pairwise(starts):
+            if int(sequence[column]) != current:  # a packed sequence starts: nothing saved before it
+                shift, current = 0, int(sequence[column])
             span = pos[:, column:end]  # (R, n)
             if int(ids[column]) < 0:
                 out[:, row, column:end] = span - shift

@@ -92,6 +92,7 @@ __all__ = [
     "IMAGE_TOKEN_ID",
     "MODEL_CLASSES",
     "PAD_TOKEN_ID",
+    "SAMPLE_ROWS",
     "TEXT_TOKEN_HIGH",
     "TEXT_TOKEN_LOW",
     "VIDEO_TOKEN_ID",
@@ -208,6 +209,19 @@ def _check_positive(obj: object, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidInputError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+
+
+SAMPLE_ROWS: dict[str, list[list[Item]]] = {
+    "llava": [[3, Image(), 4], [2, Image(), 3, Image(), 2]],
+    "llava_next": [[3, Image(28, 56), 4], [2, Image(56, 56), 2, Image(56, 28), 2]],
+    "qwen2_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
+    "qwen2_5_vl": [[3, Image(56, 84), 4], [2, Image(56, 56), 3, Video(4, 56, 56), 2]],
+    "llava_onevision": [[3, Image(56, 56), 4], [2, Video(2), 2]],
+    "video_llava": [[3, Image(), 4], [2, Video(2), 2]],
+}
+"""A batch of two rows for every family, for [`tiny_inputs`][tokred.vlm.testing.tiny_inputs]: a different number
+of images per row (so the batch is padded), videos where the family takes them, every row ending in text.
+Anyres images have sizes equal to the tiny models' grid pinpoints, so their crops tile the grid regularly."""
 
 
 def _check_family(family: str) -> str:

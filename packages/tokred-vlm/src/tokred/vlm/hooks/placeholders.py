@@ -30,7 +30,6 @@ __all__ = [
     "VisualTokens",
     "collect_visual_tokens",
     "encode_pixels",
-    "refuse_orphan_placeholders",
 ]
 
 PIXEL_KEYS = ("pixel_values", "pixel_values_images", "pixel_values_videos")
@@ -58,6 +57,7 @@ class VisualTokens:
         keep: Bool ``(T,)``: tokens already kept in vision space; None when the reducer runs on the embeddings.
         length: ``L`` of the call.
         plans: With ``record_plans``, one slot per group, in the order the groups appear.
+        mismatch: Why the placeholders and the features do not correspond, or None when they do.
     """
 
     flat_index: torch.Tensor
@@ -65,6 +65,19 @@ class VisualTokens:
     keep: torch.Tensor | None
     length: int
     plans: list[PlanSlot] = field(default_factory=list)
+    mismatch: str | None = None
+
+    def raise_if_mismatched(self) -> None:
+        """Refuse a call whose placeholders the features do not fill.
+
+        The model checks this itself before its language model runs, in its own words, which code that catches
+        the model's errors relies on; this is the backstop for a model that does not.
+
+        Raises:
+            InvalidInputError: With the counts on both sides.
+        """
+        if self.mismatch is not None:
+            raise InvalidInputError(self.mismatch)
 
 
 def encode_pixels(module: Any, modalities: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -93,24 +106,6 @@ def encode_pixels(module: Any, modalities: tuple[str, ...], kwargs: dict[str, An
     return encoded if changed else None
 
 
-def refuse_orphan_placeholders(adapter: ModelAdapter, input_ids: torch.Tensor | None, past_length: int) -> None:
-    """A first call whose prompt has visual placeholders but no visual inputs is a mistake, not text.
-
-    Raises:
-        InvalidInputError: Naming the modality and the count of placeholders.
-    """
-    if input_ids is None or past_length > 0:
-        return
-    for modality in adapter.modalities:
-        token_id = adapter.placeholder_id(modality)
-        count = int((input_ids == token_id).sum()) if token_id is not None else 0
-        if count:
-            raise InvalidInputError(
-                f"the prompt has {count} {modality} placeholder tokens (id {token_id}) but no {modality} inputs "
-                "were given; pass the pixel values the processor returned with the prompt"
-            )
-
-
 def collect_visual_tokens(
     module: Any,
     adapter: ModelAdapter,
@@ -134,8 +129,9 @@ def collect_visual_tokens(
         vision_space: Whether the reducer ran before the projector (then keep flags come with the layouts).
         record_plans: Whether to list the groups' plan slots.
 
-    Raises:
-        InvalidInputError: If the placeholders and the features do not correspond.
+    Returns:
+        The visual tokens; when the placeholders and the features do not correspond, an empty record whose
+        ``mismatch`` says how (the model's own check usually raises first).
     """
     reference = input_ids if input_ids is not None else embeds
     length = reference.shape[1]
@@ -157,11 +153,13 @@ def collect_visual_tokens(
         num_placeholders = int(placeholders.sum())
         if num_placeholders != num_features:
             found = f"no {modality} placeholder tokens" if num_placeholders == 0 else f"{num_placeholders}"
-            raise InvalidInputError(
+            mismatch = (
                 f"{len(layouts)} {modality} input(s) give {num_features} visual tokens but the prompt has {found} "
                 f"{modality} placeholder tokens (id {token_id}); build input_ids with the model's processor so each "
                 "image or video has its placeholders"
             )
+            empty = torch.zeros(0, dtype=torch.long)
+            return VisualTokens(empty, empty, None, length, mismatch=mismatch)
         flat_parts.append(torch.nonzero(placeholders.reshape(-1)).squeeze(1).cpu())
         for index, layout in enumerate(layouts):
             groups = layout.groups.clone()

@@ -19,16 +19,32 @@ from typing import Any
 
 import torch
 
-from tokred.core.errors import AttachError, UnsupportedError
+from tokred.core.errors import AttachError, InvalidInputError, UnsupportedError
 from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.vlm.hooks.groups import reduce_groups
 from tokred.vlm.hooks.placeholders import VisualTokens
 from tokred.vlm.models.base import Positions
 from tokred.vlm.results import GroupPlan, PrefillStats
-from tokred.vlm.sequence import compact_positions, decode_positions, padding_mask_from, survivor_index
+from tokred.vlm.sequence import (
+    compact_positions,
+    decode_positions,
+    packed_segments,
+    padding_mask_from,
+    survivor_index,
+)
 
-__all__ = ["STATE_ATTRIBUTE", "PrefillResult", "SequenceState", "reduce_prefill", "sequence_state", "translate_decode"]
+__all__ = [
+    "IGNORE_INDEX",
+    "STATE_ATTRIBUTE",
+    "PrefillResult",
+    "SequenceState",
+    "Survivors",
+    "reduce_prefill",
+    "sequence_state",
+    "skip_cached_tokens",
+    "translate_decode",
+]
 
 STATE_ATTRIBUTE = "_tokred_vlm_state"
 """Attribute of the cache that carries the [`SequenceState`][tokred.vlm.hooks.surgery.SequenceState]."""
@@ -53,12 +69,51 @@ class SequenceState:
     last_position: torch.Tensor
 
 
+IGNORE_INDEX = -100
+"""The label transformers' losses ignore; padding columns of a reduced sequence get it."""
+
+
+@dataclass
+class Survivors:
+    """Which original columns a reduced prefill kept, for gathering per-token tensors such as labels.
+
+    Attributes:
+        index: Long ``(B, L')``: the original column of each reduced column.
+        mask: Bool ``(B, L')``: True where the reduced column holds a real token, False for padding.
+    """
+
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    def gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` labels (or shifted labels) of the full sequence as ``(B, L')`` labels of the reduced one.
+
+        Every kept token keeps its own label; padding columns get
+        [`IGNORE_INDEX`][tokred.vlm.hooks.surgery.IGNORE_INDEX].
+        """
+        if labels.dim() != 2 or labels.shape[0] != self.index.shape[0] or labels.shape[1] < int(self.index.max()) + 1:
+            raise InvalidInputError(
+                f"labels of shape {tuple(labels.shape)} do not match the prompt ({self.index.shape[0]} rows); pass "
+                "one label per input token, with the ignore index (-100) on visual placeholders"
+            )
+        index = self.index.to(labels.device)
+        gathered = labels.gather(1, index)
+        return gathered.masked_fill(~self.mask.to(labels.device), IGNORE_INDEX)
+
+
 @dataclass
 class PrefillResult:
-    """What one reduced prefill produced besides the new decoder arguments."""
+    """What one prefill produced besides the new decoder arguments.
+
+    Attributes:
+        stats: Lengths and visual tokens before and after.
+        plans: With ``record_plans``, every group's plan.
+        survivors: The kept columns, or None when nothing was dropped (the sequence was left as it was).
+    """
 
     stats: PrefillStats
     plans: list[GroupPlan] | None
+    survivors: Survivors | None
 
 
 def cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -107,7 +162,8 @@ def reduce_prefill(
     device = embeds.device
     if length != visual.length:
         raise AttachError(f"decoder received {length} tokens, expected {visual.length}")
-    valid = padding_mask_from(kwargs.get("attention_mask"), batch, length, device)
+    incoming_mask = kwargs.get("attention_mask")
+    valid = padding_mask_from(incoming_mask, batch, length, device)
     flat_index = visual.flat_index.to(device)
     group = visual.group.to(device)
     survive = valid.clone().reshape(-1)
@@ -119,28 +175,50 @@ def reduce_prefill(
         merged, keep = reduce_groups(reducer, flat_embeds[flat_index], group, llm_plans)
         flat_embeds = flat_embeds.clone()
         flat_embeds[flat_index] = merged
-        embeds = flat_embeds.view(batch, length, width)
+        kwargs["inputs_embeds"] = embeds = flat_embeds.view(batch, length, width)
         survive[flat_index] = keep
     survive = survive.view(batch, length) & valid
-    index, new_mask = survivor_index(survive, valid)
+    num_visual = int(flat_index.numel())
+    kept_visual = int(survive.reshape(-1)[flat_index].sum())
+    num_groups = int(group.max()) + 1 if num_visual else 0
+    plans = _collect_plans(visual, llm_plans) if record_plans else None
+    if kept_visual == num_visual:
+        # Nothing dropped: the model runs exactly as it would unattached (mask, positions, padding, cache).
+        stats = PrefillStats(length, length, num_visual, kept_visual, num_groups)
+        return kwargs, PrefillResult(stats, plans, None)
 
+    index, new_mask = survivor_index(survive, valid)
     original = kwargs.get("position_ids")
     if original is None:
         original = torch.arange(length, device=device).expand(batch, length)
+    cache_key, cache = cache_of(kwargs)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:  # the decoder resolves it from its config later; decide the same way here
+        use_cache = getattr(decoder.config, "use_cache", False)
+    # transformers reads packed (padding-free) sequences off restarting positions, but only without a mask and a
+    # cache; the reduced call keeps that form, with each sequence's positions free of gaps.
+    segments = packed_segments(original, valid) if incoming_mask is None and cache is None and not use_cache else None
+    if segments is not None and original.dim() == 2 and positions == "original":
+        raise UnsupportedError(
+            "packed (padding-free) input with positions='original': the gaps left by dropped tokens would read as "
+            "sequence boundaries; attach with positions='compact', or pass an attention_mask instead of packing"
+        )
     if positions == "compact":
         group_ids = torch.full((batch * length,), -1, dtype=torch.long, device=device)
         group_ids[flat_index] = group
-        original = compact_positions(original, survive, valid, group_ids.view(batch, length))
+        original = compact_positions(original, survive, valid, group_ids.view(batch, length), segments=segments)
+    elif segments is not None:  # the text row of M-RoPE positions only marks sequences; make it gap-free
+        original = original.clone()
+        original[0] = compact_positions(original[0], survive, valid, None, segments=segments)
     gather = index.expand(original.shape[0], *index.shape) if original.dim() == 3 else index
     new_positions = original.gather(-1, gather)
 
     kwargs["inputs_embeds"] = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, width))
-    kwargs["attention_mask"] = new_mask.long()
     kwargs["position_ids"] = new_positions
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:  # the decoder resolves it from its config later; decide the same way here
-        use_cache = getattr(decoder.config, "use_cache", False)
-    cache_key, cache = cache_of(kwargs)
+    if segments is not None and bool(new_mask.all()):
+        kwargs["attention_mask"] = None  # so the decoder finds the packed sequences again
+    else:
+        kwargs["attention_mask"] = new_mask.long()
     if use_cache and cache is None:
         from transformers import DynamicCache
 
@@ -149,17 +227,57 @@ def reduce_prefill(
     if cache is not None:
         state = SequenceState(owner, new_mask.long(), index.shape[1], length, new_positions[..., -1:].clone())
         setattr(cache, STATE_ATTRIBUTE, state)
-    num_visual = int(flat_index.numel())
-    kept_visual = int(survive.reshape(-1)[flat_index].sum())
-    stats = PrefillStats(length, index.shape[1], num_visual, kept_visual, int(group.max()) + 1 if num_visual else 0)
-    plans = None
-    if record_plans:
-        plans = []
-        for slot in visual.plans:
-            plan = slot.plan if llm_plans is None else llm_plans.get(slot.group_id)
-            if plan is not None:
-                plans.append(GroupPlan(slot.modality, slot.image, slot.group, plan))
-    return kwargs, PrefillResult(stats, plans)
+    stats = PrefillStats(length, index.shape[1], num_visual, kept_visual, num_groups)
+    return kwargs, PrefillResult(stats, plans, Survivors(index, new_mask))
+
+
+def _collect_plans(visual: VisualTokens, llm_plans: dict[int, Reduction] | None) -> list[GroupPlan]:
+    plans = []
+    for slot in visual.plans:
+        plan = slot.plan if llm_plans is None else llm_plans.get(slot.group_id)
+        if plan is not None:
+            plans.append(GroupPlan(slot.modality, slot.image, slot.group, plan))
+    return plans
+
+
+def skip_cached_tokens(kwargs: dict[str, Any], state: SequenceState, cache: Any) -> dict[str, Any]:
+    """Drop the tokens a continued call passes again although the reduced cache holds them already.
+
+    ``generate`` continuing from a returned cache slices the full sequence at the cache's length, which counts
+    the reduced prefill; the first ``L - L'`` tokens it passes are then already in the cache. Such a call is
+    recognised by its 2-D attention mask, which covers the whole sequence in original coordinates: it is as
+    long as the cache plus the tokens passed, where a normal decode step's is ``L - L'`` longer.
+
+    Returns:
+        ``kwargs`` with ``input_ids`` / ``inputs_embeds`` and the per-token arguments cut to the new tokens.
+
+    Raises:
+        InvalidInputError: If the call passes nothing beyond what the cache holds.
+    """
+    offset = state.original_length - state.prefill_length
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    if tokens is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or offset <= 0:
+        return kwargs
+    num_new = tokens.shape[1]
+    if mask.shape[1] != int(cache.get_seq_length()) + num_new:
+        return kwargs  # a decode step in original coordinates, as generate's own loop makes them
+    if num_new <= offset:
+        raise InvalidInputError(
+            f"this call passes {num_new} tokens and its attention mask covers {mask.shape[1]}, all of which the "
+            "reduced cache holds already; pass at least one new token"
+        )
+    kwargs = dict(kwargs)
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key][:, offset:]
+    for key in ("position_ids", "token_type_ids", "mm_token_type_ids"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == num_new:
+            kwargs[key] = value[..., offset:]
+    return kwargs
 
 
 def translate_decode(kwargs: dict[str, Any], state: SequenceState, cache: Any) -> dict[str, Any]:
