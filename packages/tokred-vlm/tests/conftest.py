@@ -61,6 +61,7 @@ class ReferenceRun:
     embeds: torch.Tensor  # (B, L', C) the hand-reduced, left-padded prefill
     mask: torch.Tensor  # (B, L')
     positions: torch.Tensor  # (B, L') or (3, B, L')
+    groups: torch.Tensor  # (B, L') a group id per visual token, -1 structural, -2 text and padding
 
 
 def _full_embeddings(model, inputs):
@@ -184,23 +185,31 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
                 if lb is None:
                     keep[c] = True
             kept = [c for c in columns if keep[c]]
+            label_of = dict(zip(visual_columns, labels, strict=True))
+            ids_of = {lb: i for i, lb in enumerate(dict.fromkeys(lb for lb in labels if lb is not None))}
+            row_groups = [
+                -2 if c not in label_of else (-1 if label_of[c] is None else 1000 * b + ids_of[label_of[c]])
+                for c in kept
+            ]
             pos = original[..., b, kept] if original.dim() == 3 else original[b, kept]
             if positions == "compact":
                 assert original.dim() == 2, "the reference compacts one-row positions only"
                 pos = original[b, columns[0]] + torch.arange(len(kept))
-            new_rows.append((row_embeds[kept], pos))
-        length = max(len(e) for e, _ in new_rows)
+            new_rows.append((row_embeds[kept], pos, torch.tensor(row_groups, dtype=torch.long)))
+        length = max(len(e) for e, _, _ in new_rows)
         batch = len(new_rows)
         width = embeds.shape[-1]
         new_embeds = torch.zeros(batch, length, width, dtype=embeds.dtype)
         new_mask = torch.zeros(batch, length, dtype=torch.long)
         three = original.dim() == 3
         new_pos = torch.zeros((3, batch, length) if three else (batch, length), dtype=torch.long)
-        for b, (e, p) in enumerate(new_rows):
+        new_groups = torch.full((batch, length), -2, dtype=torch.long)
+        for b, (e, p, g) in enumerate(new_rows):
             new_embeds[b, length - len(e) :] = e
             new_mask[b, length - len(e) :] = 1
             new_pos[..., b, length - len(e) :] = p
-        prefill = (new_embeds, new_mask.clone(), new_pos)
+            new_groups[b, length - len(e) :] = g
+        prefill = (new_embeds, new_mask.clone(), new_pos, new_groups)
         out = model(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, use_cache=True)
         prefill_logits = out.logits
         cache = out.cache
@@ -222,8 +231,101 @@ def reference_run(model, family, inputs, rows, reducer, *, positions="original",
             )
             cache = out.cache
             logits = out.logits[:, -1]
-        lengths = [len(e) for e, _ in new_rows]
-        return ReferenceRun(prefill_logits, step_logits, torch.stack(tokens, 1), lengths, *prefill)
+        lengths = [len(e) for e, _, _ in new_rows]
+        stacked = torch.stack(tokens, 1) if tokens else torch.zeros(batch, 0, dtype=torch.long)
+        return ReferenceRun(prefill_logits, step_logits, stacked, lengths, *prefill)
+
+
+@dataclass
+class InnerStageRun:
+    """What the hand-written two-stage pass computes."""
+
+    prefill_logits: torch.Tensor  # (B, Ls, V) in the last stage's coordinates
+    prefill_mask: torch.Tensor  # (B, Ls) bool, real tokens of the last stage
+    step_logits: list[torch.Tensor]  # each (B, V)
+    tokens: torch.Tensor  # (B, steps)
+    layer_lengths: list[int]  # padded length each layer ran on at the prefill
+
+
+def inner_stage_reference(model, family, inputs, rows, reducer, stages, *, positions="original", steps=6):
+    """The first stage by hand (``reference_run``), then the whole decoder by hand with the inner stages.
+
+    No hooks, no cache: every step runs all layers on the whole sequence (prompt and the tokens generated so
+    far) with a hand-built causal mask over the real tokens, RoPE recomputed from the kept tokens' positions,
+    and each inner stage's reducer called on each group's hidden states, one row and one group at a time.
+    """
+    first = reference_run(model, family, inputs, rows, reducer, positions=positions, mode="generate", steps=0)
+    embed = model.get_input_embeddings()
+    batch = first.embeds.shape[0]
+    step_logits, tokens = [], []
+    with torch.no_grad():
+        for step in range(steps + 1):
+            generated = len(tokens)
+            hidden, mask, pos, groups = first.embeds, first.mask.bool(), first.positions, first.groups
+            if generated:
+                hidden = torch.cat([hidden, embed(torch.stack(tokens, 1))], dim=1)
+                mask = torch.cat([mask, torch.ones(batch, generated, dtype=torch.bool)], dim=1)
+                pos = torch.cat([pos, pos[..., -1:] + 1 + torch.arange(generated)], dim=-1)
+                groups = torch.cat([groups, torch.full((batch, generated), -2, dtype=torch.long)], dim=1)
+            logits, final_mask, lengths = _decoder_by_hand(model, hidden, mask, pos, groups, stages, positions)
+            if step == 0:
+                prefill = (logits, final_mask, lengths)
+            step_logits.append(logits[:, -1])
+            tokens.append(logits[:, -1].argmax(-1))
+    return InnerStageRun(prefill[0], prefill[1], step_logits[:steps], torch.stack(tokens[:steps], 1), prefill[2])
+
+
+def _decoder_by_hand(model, hidden, mask, pos, groups, stages, positions):
+    decoder = model.get_decoder()
+    lengths = []
+    for index, layer in enumerate(decoder.layers):
+        if index in stages:
+            hidden, mask, pos, groups = _stage_by_hand(hidden, mask, pos, groups, stages[index], positions)
+        length = hidden.shape[1]
+        lengths.append(length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal[None] & mask[:, None, :]  # (B, query, key)
+        additive = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        out = layer(hidden, attention_mask=additive[:, None], position_embeddings=decoder.rotary_emb(hidden, pos))
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(decoder.norm(hidden)), mask, lengths
+
+
+def _stage_by_hand(hidden, mask, pos, groups, reducer, positions):
+    rows = []
+    for b in range(hidden.shape[0]):
+        row = hidden[b].clone()
+        keep = mask[b].clone()
+        for group in [int(g) for g in torch.unique(groups[b][mask[b]]) if g >= 0]:
+            members = torch.nonzero((groups[b] == group) & mask[b]).squeeze(1)
+            reduction = reducer(row[members].unsqueeze(0))
+            keep[members] = False
+            kept = members[reduction.indices[0]]
+            keep[kept] = True
+            row[kept] = reduction.tokens[0].to(row.dtype)
+        columns = torch.nonzero(keep).squeeze(1)
+        row_pos = pos[..., b, columns]
+        if positions == "compact":
+            row_pos = pos[b, torch.nonzero(mask[b])[0, 0]] + torch.arange(len(columns))
+        rows.append((row[columns], row_pos, groups[b, columns]))
+    length = max(len(r[0]) for r in rows)
+    batch = len(rows)
+    new_hidden = torch.zeros(batch, length, hidden.shape[-1], dtype=hidden.dtype)
+    new_mask = torch.zeros(batch, length, dtype=torch.bool)
+    new_pos = torch.zeros((*pos.shape[:-2], batch, length), dtype=pos.dtype)
+    new_groups = torch.full((batch, length), -2, dtype=torch.long)
+    for b, (h, p, g) in enumerate(rows):
+        new_hidden[b, length - len(h) :] = h
+        new_mask[b, length - len(h) :] = True
+        new_pos[..., b, length - len(h) :] = p
+        new_groups[b, length - len(h) :] = g
+    return new_hidden, new_mask, new_pos, new_groups
+
+
+@pytest.fixture
+def inner_reference():
+    """The hand-written two-stage reference, as a fixture."""
+    return inner_stage_reference
 
 
 @pytest.fixture

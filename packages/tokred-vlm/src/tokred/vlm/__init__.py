@@ -11,7 +11,8 @@ from importlib import metadata as _metadata
 from tokred.vlm.attachment import Attachment, attach
 from tokred.vlm.methods import ApET
 from tokred.vlm.models import ModelAdapter, available_adapters, register_adapter, supported_model_names
-from tokred.vlm.results import GroupPlan, PrefillStats
+from tokred.vlm.results import GroupPlan, PrefillStats, StageStats
+from tokred.vlm.schedules import paper_schedule
 
 try:
     __version__ = _metadata.version("tokred-vlm")
@@ -24,9 +25,11 @@ __all__ = [
     "GroupPlan",
     "ModelAdapter",
     "PrefillStats",
+    "StageStats",
     "__version__",
     "attach",
     "available_adapters",
+    "paper_schedule",
     "register_adapter",
     "supported_model_names",
 ]

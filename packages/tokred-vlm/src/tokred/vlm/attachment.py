@@ -13,6 +13,9 @@ How it works:
   positions the model computed, runs the reducer per group (``space="llm"``), drops the removed tokens from the
   embeddings, positions and mask, and stores a small state on the cache; later decode steps are translated from
   it ([`tokred.vlm.hooks.surgery`][tokred.vlm.hooks.surgery]).
+* With inner stages (``layers={L: reducer}``), a forward pre-hook on every decoder layer from the first stage on
+  shortens the hidden states at layer ``L`` and gives the later layers the short mask and rotary tables
+  ([`tokred.vlm.hooks.stages`][tokred.vlm.hooks.stages]).
 
 What is family-specific comes from the model's adapter ([`tokred.vlm.models`][tokred.vlm.models]). Nothing is
 patched on a class; [`Attachment.detach`][tokred.vlm.Attachment.detach] removes every hook and wrapper and
@@ -23,10 +26,11 @@ one attached model at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,9 +44,19 @@ from tokred.core.errors import (
     UnsupportedError,
 )
 from tokred.core.reducer import Reducer
+from tokred.vlm.flops import decoder_prefill_flops
 from tokred.vlm.hooks.encoding import EncodeRecorder, bind_arguments
 from tokred.vlm.hooks.placeholders import VisualTokens, collect_visual_tokens, encode_pixels
+from tokred.vlm.hooks.stages import (
+    InnerStage,
+    StageContext,
+    enter_stage,
+    has_stage_states,
+    layer_types,
+    open_context,
+)
 from tokred.vlm.hooks.surgery import (
+    PrefillResult,
     Survivors,
     cache_of,
     reduce_prefill,
@@ -73,6 +87,7 @@ class Attachment:
         positions: ``"original"`` or ``"compact"``.
         video_groups: ``"frame"`` or ``"video"``: the token group of a video.
         record_plans: Whether each prefill records the reducer's plans.
+        stages: The inner stages (``attach(..., layers=...)``), in layer order.
         last_stats: [`PrefillStats`][tokred.vlm.PrefillStats] of the most recent reduced prefill (under
             concurrent calls, of the one that finished last), or None before the first.
         last_plans: With ``record_plans``, the [`GroupPlan`][tokred.vlm.GroupPlan] of every token group of the
@@ -88,6 +103,7 @@ class Attachment:
         positions: Positions,
         video_groups: VideoGroups,
         record_plans: bool = False,
+        stages: tuple[InnerStage, ...] = (),
     ) -> None:
         self.model = model
         self.reducer = reducer
@@ -96,6 +112,7 @@ class Attachment:
         self.positions = positions
         self.video_groups = video_groups
         self.record_plans = record_plans
+        self.stages = stages
         self.last_stats: PrefillStats | None = None
         self.last_plans: list[GroupPlan] | None = None
         self._id = next(_handle_ids)
@@ -103,6 +120,8 @@ class Attachment:
         self._attached = False
         self._base = model.model
         self._decoder = model.get_decoder()
+        self._layer_types = layer_types(self._decoder)
+        self._stage_at = {stage.layer: stage for stage in stages}
         self._encoder = EncodeRecorder(self._id, adapter, reducer, space, video_groups, record_plans)
         # Visual tokens found by the base-model hook for the decoder hook of the same forward. Per thread:
         # the two hooks of one forward run in one thread, and other threads' forwards must not see them.
@@ -122,6 +141,12 @@ class Attachment:
         ]
         if self.space == "vision":
             hooks.append(self.adapter.projector().register_forward_pre_hook(self._encoder.projector_pre_hook))
+        if self.stages:
+            for index in range(self.stages[0].layer, len(self._layer_types)):
+                layer = self._decoder.layers[index]
+                hooks.append(
+                    layer.register_forward_pre_hook(functools.partial(self._layer_pre_hook, index), with_kwargs=True)
+                )
         self._undo.extend(hook.remove for hook in hooks)
         for modality in self.adapter.modalities:
             self._wrap(base, f"get_{modality}_features", functools.partial(self._encoder.encode, modality))
@@ -289,20 +314,77 @@ class Attachment:
             )
             if getattr(self._calls, "loss", False):
                 self._calls.survivors = result.survivors
-            with self._publish:  # the stats and plans of one prefill are published together
-                self.last_stats = result.stats
-                if self.record_plans:
-                    self.last_plans = result.plans
+            if self.stages:  # published when the inner stages have run, at the end of the decoder's forward
+                embeds = kwargs["inputs_embeds"]
+                self._calls.stages = open_context(
+                    kwargs, *embeds.shape[:2], embeds.device, prefill=True, group=result.groups
+                )
+                self._calls.pending = result
+            else:
+                self._publish_prefill(result.stats, result.plans)
             return args, kwargs
         _, cache = cache_of(kwargs)
         state = sequence_state(cache, self._id)
         if state is not None:
-            return args, translate_decode(kwargs, state, cache)
-        return None
+            kwargs = translate_decode(kwargs, state, cache)
+        if self.stages and has_stage_states(cache, self._id):
+            embeds = kwargs["inputs_embeds"]
+            self._calls.stages = open_context(kwargs, *embeds.shape[:2], embeds.device, prefill=False, group=None)
+        return (args, kwargs) if state is not None else None
+
+    def _layer_pre_hook(
+        self, index: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Layer ``index`` of a schedule with inner stages: enter a stage here, or run on the short arguments.
+
+        Does nothing outside a decoder call of this model (a layer called on its own has no context).
+        """
+        context: StageContext | None = getattr(self._calls, "stages", None)
+        if context is None:
+            return None
+        hidden = args[0]
+        stage = self._stage_at.get(index)
+        if stage is not None:
+            shortened = enter_stage(
+                self._decoder, stage, context, hidden, kwargs, owner=self._id, positions=self.positions
+            )
+            if shortened is not None:
+                hidden = shortened
+        short = context.short
+        if short is None:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = short.masks[self._layer_types[index]]
+        kwargs["position_embeddings"] = short.position_embeddings
+        if kwargs.get("position_ids") is not None or short.position_ids is not None:
+            kwargs["position_ids"] = short.position_ids
+        return (hidden, *args[1:]), kwargs
 
     def _decoder_done(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Drop the hand-off of the forward that just ended (it is consumed already unless the forward failed)."""
+        """End the decoder call: publish a prefill with inner stages, drop what the call handed on."""
         self._calls.visual = None
+        context: StageContext | None = getattr(self._calls, "stages", None)
+        pending: PrefillResult | None = getattr(self._calls, "pending", None)
+        self._calls.stages = self._calls.pending = None
+        if context is not None and pending is not None:
+            stats = dataclasses.replace(pending.stats, stages=tuple(context.stats))
+            self._publish_prefill(stats, pending.plans)
+
+    def _publish_prefill(self, stats: PrefillStats, plans: list[GroupPlan] | None) -> None:
+        """Make one prefill's stats (completed with the decoder's per-layer FLOPs) and plans the latest."""
+        num_layers = len(self._layer_types)
+        stats = dataclasses.replace(stats, num_layers=num_layers)
+        config = self._decoder.config
+        batch = stats.batch
+        stats = dataclasses.replace(
+            stats,
+            decoder_flops=decoder_prefill_flops(config, stats.layer_lengths, batch),
+            dense_decoder_flops=decoder_prefill_flops(config, [stats.original_length] * num_layers, batch),
+        )
+        with self._publish:  # the stats and plans of one prefill are published together
+            self.last_stats = stats
+            if self.record_plans:
+                self.last_plans = plans
 
 
 def _check_reducer(reducer: Reducer) -> None:
@@ -318,6 +400,38 @@ def _check_reducer(reducer: Reducer) -> None:
             f"{reducer!r} has no budget; give it one, e.g. {type(reducer).__name__}(num_keep=64) or keep_ratio=0.25: "
             "every image, crop or frame keeps that many of its visual tokens"
         )
+
+
+def _inner_stages(model: Any, layers: Mapping[int, Reducer] | None, positions: Positions) -> tuple[InnerStage, ...]:
+    """Check ``attach``'s ``layers`` and order them into stages."""
+    if layers is None:
+        return ()
+    if not isinstance(layers, Mapping):
+        raise InvalidTypeError(
+            f"layers must be a dict from a decoder layer to a reducer, e.g. {{16: ApET(num_keep=32)}}; got "
+            f"{type(layers).__name__}"
+        )
+    decoder = model.get_decoder()
+    num_layers = len(decoder.layers)
+    stages = []
+    for layer, reducer in sorted(layers.items(), key=lambda item: item[0] if isinstance(item[0], int) else -1):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers - 1:
+            raise InvalidInputError(
+                f"layers: {layer!r} is not a decoder layer an inner stage can follow; this model has {num_layers} "
+                f"decoder layers, so use an integer L from 1 to {num_layers - 1} (the stage runs after the first L)"
+            )
+        if not isinstance(reducer, Reducer):
+            raise InvalidTypeError(
+                f"layers[{layer}] must be a tokred Reducer such as ApET(num_keep=32); got {type(reducer).__name__}"
+            )
+        _check_reducer(reducer)
+        stages.append(InnerStage(layer, reducer))
+    if stages and positions == "compact" and getattr(decoder.config, "rope_parameters", {}).get("mrope_section"):
+        raise IncompatibleReducerError(
+            "inner stages with positions='compact' are not available for M-RoPE models (Qwen): there is no "
+            "canonical way to close the gaps of 3-D positions inside the language model; use positions='original'"
+        )
+    return tuple(stages)
 
 
 def _resolve_reducer(reducer: Any, config: dict[str, Any]) -> Reducer:
@@ -347,6 +461,7 @@ def attach(
     model: Any,
     reducer: Reducer | str,
     *,
+    layers: Mapping[int, Reducer] | None = None,
     space: Space | None = None,
     positions: Positions | None = None,
     video_groups: VideoGroups = "frame",
@@ -373,6 +488,12 @@ def attach(
         model: A supported transformers model (see [`tokred.vlm.models`][tokred.vlm.models]), in eval mode.
         reducer: Any tokred [`Reducer`][tokred.core.Reducer] with a budget, e.g. ``ApET(num_keep=64)``, or a
             registered name whose hyper-parameters and budget are given as ``reducer_config``.
+        layers: Inner stages, ``{L: reducer_L, ...}``: after the first ``L`` decoder layers, each group's
+            surviving visual tokens are reduced again by ``reducer_L`` on the language model's hidden states, and
+            the layers from ``L`` on run on the shorter sequence with a shorter KV cache. ``L`` is from 1 to the
+            number of decoder layers minus 1; stages run in the order of their layers, each on what the one
+            before left (a budget at least that large keeps everything). Any reducer with a budget works;
+            [`paper_schedule`][tokred.vlm.paper_schedule] gives ApET's two-stage schedule from an average budget.
         space: ``"vision"`` reduces the vision features before the projector (ApET's LLaVA setting; merging
             happens in the vision tower's space), ``"llm"`` the projected embeddings. Default: the model
             family's, as in ApET's released code (LLaVA-1.5 and LLaVA-NeXT ``"vision"``, others ``"llm"``).
@@ -392,9 +513,11 @@ def attach(
     Raises:
         InvalidTypeError: If the model is not supported (the message lists the supported classes), or
             ``reducer`` is a class, not a reducer, or an instance given together with options.
-        IncompatibleReducerError: If the reducer has no budget, needs scores the model cannot supply, or the
-            options ask for something the model family cannot do (``space="vision"`` without a vision space).
-        InvalidInputError: On an unknown ``space``, ``positions`` or ``video_groups``.
+        IncompatibleReducerError: If a reducer (of any stage) has no budget or needs scores the model cannot
+            supply, or the options ask for something the model family cannot do (``space="vision"`` without a
+            vision space, inner stages with compact M-RoPE positions).
+        InvalidInputError: On an unknown ``space``, ``positions`` or ``video_groups``, or a ``layers`` key that is
+            not a decoder layer an inner stage can follow.
         AttachError: If a reducer is already attached to this model.
     """
     adapter = adapter_class_for(model)(model)
@@ -414,6 +537,7 @@ def attach(
         raise AttachError(
             f"a reducer is already attached to this model ({existing!r}); call .detach() on that handle first"
         )
-    handle = Attachment(model, built, adapter, space, positions, video_groups, record_plans)
+    stages = _inner_stages(model, layers, positions)
+    handle = Attachment(model, built, adapter, space, positions, video_groups, record_plans, stages)
     handle._install()
     return handle

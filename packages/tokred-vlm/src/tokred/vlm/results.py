@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokred.core.reduction import Reduction
+from tokred.vlm.hooks.stages import StageStats
 
-__all__ = ["GroupPlan", "PrefillStats"]
+__all__ = ["GroupPlan", "PrefillStats", "StageStats"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,15 @@ class PrefillStats:
         original_length: Padded sequence length the model would have processed, ``L``.
         reduced_length: Padded sequence length after reduction, ``L'`` (the logits' length).
         visual_tokens: Visual placeholder tokens in the batch.
-        kept_visual_tokens: Visual tokens that survived (structural tokens included).
+        kept_visual_tokens: Visual tokens that survived the first stage (structural tokens included).
         groups: Token groups reduced (images, crops or frames).
+        batch: Rows of the batch.
+        stages: One [`StageStats`][tokred.vlm.StageStats] per inner stage (``attach(..., layers=...)``), in
+            layer order; empty for a single-stage schedule.
+        num_layers: Decoder layers of the model (0 when not recorded).
+        decoder_flops: Floating-point operations of the decoder layers at this prefill, as run (projections,
+            attention over the whole padded sequence, MLP; embeddings and the LM head not counted).
+        dense_decoder_flops: The same for the unreduced sequence.
     """
 
     original_length: int
@@ -28,11 +36,45 @@ class PrefillStats:
     visual_tokens: int
     kept_visual_tokens: int
     groups: int
+    batch: int = 1
+    stages: tuple[StageStats, ...] = ()
+    num_layers: int = 0
+    decoder_flops: int = 0
+    dense_decoder_flops: int = 0
 
     @property
     def kept_per_group(self) -> float:
-        """Visual tokens kept per group, on average (structural tokens included)."""
+        """Visual tokens kept per group after the first stage, on average (structural tokens included)."""
         return self.kept_visual_tokens / self.groups if self.groups else 0.0
+
+    @property
+    def layer_lengths(self) -> tuple[int, ...]:
+        """The padded sequence length each decoder layer processed (empty when ``num_layers`` is 0)."""
+        return self._per_layer(self.reduced_length, [(s.layer, s.length) for s in self.stages])
+
+    @property
+    def layer_visual_tokens(self) -> tuple[int, ...]:
+        """The visual tokens (batch total) each decoder layer processed."""
+        return self._per_layer(self.kept_visual_tokens, [(s.layer, s.kept_visual_tokens) for s in self.stages])
+
+    @property
+    def average_visual_tokens(self) -> float:
+        """Visual tokens per group averaged over the decoder layers: the paper's "average token count".
+
+        ApET's 96 tokens in layers 1–16 and 32 in layers 17–32 average 64; single-stage, it equals
+        [`kept_per_group`][tokred.vlm.PrefillStats.kept_per_group].
+        """
+        per_layer = self.layer_visual_tokens
+        if not per_layer or not self.groups:
+            return self.kept_per_group
+        return sum(per_layer) / len(per_layer) / self.groups
+
+    def _per_layer(self, first: int, changes: list[tuple[int, int]]) -> tuple[int, ...]:
+        values, current, at = [], first, dict(changes)
+        for layer in range(self.num_layers):
+            current = at.get(layer, current)
+            values.append(current)
+        return tuple(values)
 
 
 @dataclass(frozen=True)

@@ -375,7 +375,12 @@ def tiny_config(family: str) -> PreTrainedConfig:
 
 
 def tiny_model(
-    family: str, *, attn_implementation: str = "eager", seed: int = 0, dtype: torch.dtype = torch.float32
+    family: str,
+    *,
+    attn_implementation: str = "eager",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    decoder_layers: int = 2,
 ) -> PreTrainedModel:
     """Build a tiny random-weight VLM of one family, in ``eval()`` mode.
 
@@ -388,6 +393,7 @@ def tiny_model(
             applied to the decoder and the vision tower.
         seed: Seed of the weight initialisation.
         dtype: Parameter dtype.
+        decoder_layers: Layers of the language decoder (room for inner stages: ``attach(..., layers=...)``).
 
     Returns:
         A ``*ForConditionalGeneration`` model (see [`MODEL_CLASSES`][tokred.vlm.testing.MODEL_CLASSES]).
@@ -397,6 +403,11 @@ def tiny_model(
     """
     cls = MODEL_CLASSES[_check_family(family)]
     config = tiny_config(family)
+    if decoder_layers < 1:
+        raise ValueError(f"decoder_layers must be at least 1, got {decoder_layers}")
+    config.text_config.num_hidden_layers = decoder_layers
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * decoder_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)

@@ -24,6 +24,7 @@ from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.vlm.hooks.groups import reduce_groups
 from tokred.vlm.hooks.placeholders import VisualTokens
+from tokred.vlm.hooks.stages import TEXT
 from tokred.vlm.models.base import Positions
 from tokred.vlm.results import GroupPlan, PrefillStats
 from tokred.vlm.sequence import (
@@ -109,11 +110,14 @@ class PrefillResult:
         stats: Lengths and visual tokens before and after.
         plans: With ``record_plans``, every group's plan.
         survivors: The kept columns, or None when nothing was dropped (the sequence was left as it was).
+        groups: Long ``(B, L')``: the group of every visual token of the decoder's sequence, ``-1`` for
+            structural tokens, ``-2`` for text and padding (what inner stages reduce).
     """
 
     stats: PrefillStats
     plans: list[GroupPlan] | None
     survivors: Survivors | None
+    groups: torch.Tensor
 
 
 def cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -182,10 +186,13 @@ def reduce_prefill(
     kept_visual = int(survive.reshape(-1)[flat_index].sum())
     num_groups = int(group.max()) + 1 if num_visual else 0
     plans = _collect_plans(visual, llm_plans) if record_plans else None
+    column_groups = torch.full((batch * length,), TEXT, dtype=torch.long, device=device)
+    column_groups[flat_index] = group
+    column_groups = column_groups.view(batch, length)
     if kept_visual == num_visual:
         # Nothing dropped: the model runs exactly as it would unattached (mask, positions, padding, cache).
-        stats = PrefillStats(length, length, num_visual, kept_visual, num_groups)
-        return kwargs, PrefillResult(stats, plans, None)
+        stats = PrefillStats(length, length, num_visual, kept_visual, num_groups, batch)
+        return kwargs, PrefillResult(stats, plans, None, torch.where(valid, column_groups, TEXT))
 
     index, new_mask = survivor_index(survive, valid)
     original = kwargs.get("position_ids")
@@ -227,8 +234,9 @@ def reduce_prefill(
     if cache is not None:
         state = SequenceState(owner, new_mask.long(), index.shape[1], length, new_positions[..., -1:].clone())
         setattr(cache, STATE_ATTRIBUTE, state)
-    stats = PrefillStats(length, index.shape[1], num_visual, kept_visual, num_groups)
-    return kwargs, PrefillResult(stats, plans, Survivors(index, new_mask))
+    stats = PrefillStats(length, index.shape[1], num_visual, kept_visual, num_groups, batch)
+    groups = torch.where(new_mask, column_groups.gather(1, index), TEXT)
+    return kwargs, PrefillResult(stats, plans, Survivors(index, new_mask), groups)
 
 
 def _collect_plans(visual: VisualTokens, llm_plans: dict[int, Reduction] | None) -> list[GroupPlan]:
