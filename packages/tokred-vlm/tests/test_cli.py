@@ -56,7 +56,7 @@ def run_cli(argv, capsys):
     return capsys.readouterr()
 
 
-def direct_generate(folder, family, image_file, reducer=None, max_new_tokens=5):
+def direct_generate(folder, family, image_file, reducer=None, max_new_tokens=5, layers=None):
     """What a user writes in Python: processor, chat template, `attach` and `generate`; the new tokens' text."""
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     processor = tiny_processor(family)
@@ -68,7 +68,7 @@ def direct_generate(folder, family, image_file, reducer=None, max_new_tokens=5):
         if reducer is None:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         else:
-            with attach(model, reducer):
+            with attach(model, reducer, layers=layers):
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = output[0, inputs["input_ids"].shape[1] :]
     return processor.decode(new, skip_special_tokens=True).strip()
@@ -257,7 +257,15 @@ def one_line_error(argv, capsys):
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        ((), r"--reducer apet needs --num-keep or --keep-ratio \(or --reducer none"),
+        ((), r"--reducer apet needs --num-keep, --keep-ratio or --average \(or --reducer none"),
+        (("--reducer", "none", "--layers", "1:3"), "need a reducer"),
+        (("--average", "64", "--layers", "1:3"), "either --average or --layers"),
+        (("--average", "64", "--num-keep", "4"), "not allowed with argument"),
+        (("--average", "1"), "argument --average: expected a number of tokens of at least 2"),
+        (("--average", "0.9"), "argument --average"),
+        (("--num-keep", "4", "--layers", "1"), "argument --layers: expected LAYER:TOKENS"),
+        (("--num-keep", "4", "--layers", "0:3"), "argument --layers"),
+        (("--num-keep", "4", "--layers", "1:1.5"), "argument --layers"),
         (("--reducer", "none", "--num-keep", "4"), "need a reducer"),
         (("--reducer", "none", "--compare"), "need a reducer"),
         (("--reducer", "nope", "--num-keep", "4"), "unknown reducer 'nope'"),
@@ -275,6 +283,27 @@ def one_line_error(argv, capsys):
 def test_argument_errors_are_one_line_and_come_before_any_loading(tmp_path, image_file, capsys, extra, match):
     # No model folder exists: were any of these found only after loading, the error would be about the model.
     assert re.search(match, one_line_error(generate_argv(tmp_path / "never-loaded", image_file, *extra), capsys))
+
+
+def test_inner_stages_answer_as_attach_with_layers_in_python(checkpoint, image_file, capsys):
+    folder = checkpoint("llava")
+    argv = generate_argv(folder, image_file, "--num-keep", "8", "--layers", "1:3", "--max-new-tokens", "6")
+    lines = run_cli(argv, capsys).out.splitlines()
+    expected = direct_generate(folder, "llava", image_file, ApET(num_keep=8), 6, layers={1: ApET(num_keep=3)})
+    assert lines[0] == expected
+    assert lines[1].startswith("apet (num_keep=8, then num_keep=3 after layer 1; vision space, compact positions)")
+    assert "prefill 22 -> 14 tokens, 6 new tokens in" in lines[1]
+    assert "; 9 tokens from layer 1; 5.5 visual tokens per group averaged over the layers" in lines[1]
+    average = run_cli(generate_argv(folder, image_file, "--average", "6", "--max-new-tokens", "6"), capsys)
+    # The paper schedule of an average of 6: 9 tokens, then 3 after layer 1 of 2.
+    explicit = generate_argv(folder, image_file, "--num-keep", "9", "--layers", "1:3", "--max-new-tokens", "6")
+    assert average.out.splitlines()[0] == run_cli(explicit, capsys).out.splitlines()[0]
+    assert lines[0] != direct_generate(folder, "llava", image_file, ApET(num_keep=8), 6)
+
+
+def test_an_inner_stage_beyond_the_decoder_is_refused_before_loading(checkpoint, image_file, capsys):
+    error = one_line_error(generate_argv(checkpoint("llava"), image_file, "--num-keep", "8", "--layers", "2:3"), capsys)
+    assert "the model has 2 decoder layers, so an inner stage follows layer 1 to 1" in error
 
 
 def test_missing_and_unreadable_images(checkpoint, tmp_path, capsys):

@@ -14,6 +14,8 @@ tokred vlm models
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe the image." --num-keep 64 cat.png
 tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --compare --keep-ratio 0.25 a.jpg b.jpg
 tokred vlm generate --model llava_scenes --prompt "what color is the circle?" --num-keep 11 scene.png
+tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --num-keep 96 --layers 16:32 cat.png
+tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --average 64 cat.png  # the same
 ```
 
 Without torchvision, transformers cannot build the video processor of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or
@@ -99,6 +101,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--num-keep", type=positive_int, default=None, help="visual tokens kept per image, crop or frame"
     )
     budget.add_argument("--keep-ratio", type=fraction, default=None, help="fraction of each group's tokens kept")
+    budget.add_argument(
+        "--average",
+        type=_average,
+        default=None,
+        metavar="A",
+        help="the paper's two-stage schedule: A visual tokens per image averaged over the decoder layers "
+        "(1.5 A kept, then 0.5 A after half of the layers); a fraction such as 0.2 for a share of each image",
+    )
+    group.add_argument(
+        "--layers",
+        type=_stages,
+        default=None,
+        metavar="L:K[,L:K]",
+        help="inner stages: after decoder layer L reduce again to K tokens per image (a fraction: of what is left), "
+        "with the same reducer; e.g. 16:32",
+    )
     group.add_argument(
         "--space", default=None, choices=["vision", "llm"], help="where the reducer runs (default: the family's)"
     )
@@ -208,22 +226,60 @@ def _load_images(paths: Sequence[str]) -> list[Any]:
     return images
 
 
+def _average(text: str) -> int | float:
+    """``--average``: a number of tokens (an integer >= 2) or a fraction in (0, 2/3]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of tokens such as 64, or a fraction; got {text!r}"
+        ) from None
+    if value.is_integer() and value >= 2:
+        return int(value)
+    if 0 < value <= 2 / 3:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"expected a number of tokens of at least 2 (such as 64) or a fraction up to 2/3 (such as 0.2); got {text!r}"
+    )
+
+
+def _stages(text: str) -> list[tuple[int, int | float]]:
+    """``--layers``: comma-separated ``L:K`` with ``L`` a decoder layer and ``K`` tokens or a fraction."""
+    stages = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        layer, _, budget = part.partition(":")
+        try:
+            value = positive_int(layer)
+            amount: int | float = positive_int(budget) if budget.strip().isdigit() else fraction(budget)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected LAYER:TOKENS such as 16:32 (or 16:0.33 for a fraction of what is left); got {part!r}"
+            ) from None
+        stages.append((value, amount))
+    if not stages:
+        raise argparse.ArgumentTypeError(f"expected LAYER:TOKENS such as 16:32; got {text!r}")
+    return stages
+
+
 def _build_reducer(args: argparse.Namespace) -> Any | None:
-    """The reducer the arguments ask for, or None for a dense run."""
+    """The reducer the arguments ask for, or None for a dense run (``--average`` builds it with the model)."""
     dense = args.reducer is None or args.reducer.lower() == "none"
     budget = {"num_keep": args.num_keep} if args.num_keep is not None else {}
     if args.keep_ratio is not None:
         budget = {"keep_ratio": args.keep_ratio}
     extra = dict(args.reducer_arg)
     if dense:
-        if budget or extra or args.compare:
+        if budget or extra or args.compare or args.average is not None or args.layers:
             raise InvalidInputError(
-                "--num-keep / --keep-ratio / --reducer-arg / --compare need a reducer (not --reducer none)"
+                "--num-keep / --keep-ratio / --average / --layers / --reducer-arg / --compare need a reducer "
+                "(not --reducer none)"
             )
         return None
-    if not budget:
+    if args.average is not None and args.layers:
+        raise InvalidInputError("--average sets the inner stage itself; give either --average or --layers")
+    if not budget and args.average is None:
         raise InvalidInputError(
-            f"--reducer {args.reducer} needs --num-keep or --keep-ratio (or --reducer none for a dense run)"
+            f"--reducer {args.reducer} needs --num-keep, --keep-ratio or --average (or --reducer none for a dense run)"
         )
     clash = sorted({"num_keep", "keep_ratio", "num_remove"} & extra.keys())
     if clash:
@@ -233,9 +289,32 @@ def _build_reducer(args: argparse.Namespace) -> Any | None:
 
     if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
         extra["seed"] = args.seed
+    if args.average is not None:
+        create_reducer(args.reducer, num_keep=2, **extra)  # a wrong reducer option fails before loading
+        return "paper schedule"
     reducer = create_reducer(args.reducer, **budget, **extra)
     _check_reducer(reducer)  # before minutes of loading, not after
+    args.inner_stages = {}
+    for layer, amount in args.layers or ():
+        inner_budget = {"num_keep": amount} if isinstance(amount, int) else {"keep_ratio": amount}
+        args.inner_stages[layer] = create_reducer(args.reducer, **inner_budget, **extra)
     return reducer
+
+
+def _schedule(args: argparse.Namespace, model: Any, reducer: Any) -> dict[str, Any]:
+    """The reducer and inner stages of the run, as ``attach`` keyword arguments."""
+    if reducer != "paper schedule":
+        return {"reducer": reducer, "layers": args.inner_stages or None}
+    from tokred.vlm.schedules import paper_schedule
+
+    extra = dict(args.reducer_arg)
+    if "seed" not in extra:
+        from tokred.core import get_reducer_class
+
+        if get_reducer_class(args.reducer).stochastic:
+            extra["seed"] = args.seed
+    key = "average" if isinstance(args.average, int) else "average_ratio"
+    return paper_schedule(model, reducer=args.reducer, **{key: args.average}, **extra)
 
 
 # -- prompt and run --------------------------------------------------------------------------------------------
@@ -311,10 +390,10 @@ def _generate(model: Any, processor: Any, inputs: dict[str, Any], max_new_tokens
 
 
 def _stats(label: str, run: _Run, dense: _Run | None = None) -> str:
-    if run.prefill is None:
+    p = run.prefill
+    if p is None:
         line = f"{label}: {run.visual} visual tokens, prefill {run.length} tokens"
     else:
-        p = run.prefill
         line = (
             f"{label}: visual tokens kept {p.kept_visual_tokens}/{p.visual_tokens}, "
             f"prefill {p.original_length} -> {p.reduced_length} tokens"
@@ -322,13 +401,27 @@ def _stats(label: str, run: _Run, dense: _Run | None = None) -> str:
     line += f", {run.new_tokens} new token{'' if run.new_tokens == 1 else 's'} in {run.seconds:.2f} s"
     if dense is not None and run.seconds > 0:
         line += f" ({dense.seconds / run.seconds:.2f}x the dense speed)"
+    if p is not None and p.stages:
+        stages = ", ".join(f"{stage.length} tokens from layer {stage.layer}" for stage in p.stages)
+        line += f"; {stages}; {p.average_visual_tokens:.1f} visual tokens per group averaged over the layers"
+    if p is not None and p.dense_decoder_flops:
+        line += f"; decoder FLOPs {p.decoder_flops / p.dense_decoder_flops:.0%} of dense"
     return line
 
 
+def _budget_text(budget: Any) -> str:
+    for name in ("num_keep", "keep_ratio", "num_remove"):
+        value = getattr(budget, name)
+        if value is not None:
+            return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+    return "no budget"
+
+
 def _label(args: argparse.Namespace, handle: Any) -> str:
-    budget = f"num_keep={args.num_keep}" if args.num_keep is not None else f"keep_ratio={args.keep_ratio}"
+    budget = _budget_text(handle.reducer.budget)
+    stages = "".join(f", then {_budget_text(s.reducer.budget)} after layer {s.layer}" for s in handle.stages)
     extra = "".join(f", {key}={value!r}" for key, value in args.reducer_arg)
-    return f"{args.reducer} ({budget}{extra}; {handle.space} space, {handle.positions} positions)"
+    return f"{args.reducer} ({budget}{stages}{extra}; {handle.space} space, {handle.positions} positions)"
 
 
 def _check_family(model_id: str, args: argparse.Namespace) -> None:
@@ -348,6 +441,13 @@ def _check_family(model_id: str, args: argparse.Namespace) -> None:
     space = args.space or adapter.default_space
     positions = args.positions or adapter.default_positions
     adapter.check_options(space, positions, "frame")
+    num_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    for layer, _ in args.layers or ():
+        if num_layers is not None and not 1 <= layer <= num_layers - 1:
+            raise InvalidInputError(
+                f"--layers {layer}:…: the model has {num_layers} decoder layers, so an inner stage follows layer 1 "
+                f"to {num_layers - 1}"
+            )
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -369,13 +469,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from tokred.vlm import attach
 
-    handle = attach(model, reducer, space=args.space, positions=args.positions)  # refusals before any run
+    schedule = _schedule(args, model, reducer)
+    handle = attach(model, **schedule, space=args.space, positions=args.positions)  # refusals before any run
     handle.detach()  # attached again for the reduced run; the dense one runs on the untouched model
     dense = None
     if args.compare:
         _generate(model, processor, inputs, 1)  # untimed warm-up, so neither timed run pays first-call costs
         dense = _generate(model, processor, inputs, args.max_new_tokens)
-    with attach(model, reducer, space=args.space, positions=args.positions) as handle:
+    with attach(model, **schedule, space=args.space, positions=args.positions) as handle:
         reduced = _generate(model, processor, inputs, args.max_new_tokens, handle)
     if reduced.prefill is None:
         raise InvalidInputError("the reducer did not run: the model encoded no visual tokens")

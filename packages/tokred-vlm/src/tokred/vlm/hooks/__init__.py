@@ -6,6 +6,7 @@
 * [`placeholders`][tokred.vlm.hooks.placeholders]: at the multimodal base model, the call's visual placeholders
   matched with those records.
 * [`surgery`][tokred.vlm.hooks.surgery]: at the language model, the reduced prefill and the decode steps after it.
+* [`stages`][tokred.vlm.hooks.stages]: inner stages, reducing again inside the language model after layer ``L``.
 * [`groups`][tokred.vlm.hooks.groups]: the reducer run on all groups of a call, equal sizes batched.
 """
 
