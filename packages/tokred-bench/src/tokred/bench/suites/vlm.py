@@ -26,9 +26,19 @@ from tokred.core.cli.options import fraction, fraction_list, name_list
 from tokred.core.errors import IncompatibleReducerError
 from tokred.core.reducer import Reducer
 from tokred.core.registry import REDUCERS, create_reducer, get_reducer_class
-from tokred.vlm import ApET, attach
+from tokred.vlm import ApET, attach, paper_schedule
 
-__all__ = ["BUDGETS", "EXCLUDED_REDUCERS", "POSITIONS", "VLMSuite", "make_reducer", "method_names"]
+__all__ = [
+    "BUDGETS",
+    "EXCLUDED_REDUCERS",
+    "POSITIONS",
+    "REFERENCE_METHOD",
+    "TWO_STAGE_METHOD",
+    "VLMSuite",
+    "make_reducer",
+    "method_names",
+    "schedule_for",
+]
 
 BUDGETS: tuple[float, ...] = (0.5, 0.25, 0.11)
 """Fractions of each image's visual tokens kept by the bench."""
@@ -54,18 +64,22 @@ every reducer alike. ``"original"`` keeps every token's position.
 REFERENCE_METHOD = "apet (reference)"
 """The bench's name of ApET with ``variant="reference"`` (``apet-reference`` on the command line)."""
 
+TWO_STAGE_METHOD = "apet (two-stage)"
+"""The bench's name of ApET's paper schedule, [`paper_schedule`][tokred.vlm.paper_schedule] (``apet-two-stage``):
+the budget is the visual tokens per image averaged over the decoder layers."""
+
 _FULL_QUESTIONS = 1000
 _QUICK_QUESTIONS = 128
 
 
 def method_names() -> list[str]:
-    """The bench's reduced methods, in order: ``"apet"``, ``"apet (reference)"``, then the other reducers."""
+    """The bench's reduced methods: ``"apet"``, ``"apet (reference)"``, ``"apet (two-stage)"``, the other reducers."""
     names = [n for n in applicable_reducers() if n not in EXCLUDED_REDUCERS]
     methods = []
     for name in names:
         methods.append(name)
         if name == "apet":
-            methods.append(REFERENCE_METHOD)
+            methods += [REFERENCE_METHOD, TWO_STAGE_METHOD]
     return methods
 
 
@@ -90,6 +104,18 @@ def make_reducer(method: str, num_keep: int, *, seed: int = 0) -> Reducer:
         return ApET(num_keep=num_keep, variant="reference" if method != "apet" else "paper", seed=seed)
     extra = {"seed": seed} if get_reducer_class(method).stochastic else {}
     return create_reducer(method, num_keep=num_keep, **extra)
+
+
+def schedule_for(method: str, model: Any, num_keep: int, *, seed: int = 0) -> dict[str, Any]:
+    """The [`attach`][tokred.vlm.attach] keyword arguments of a bench method at ``num_keep`` tokens per image.
+
+    ``"apet (two-stage)"`` is the paper schedule with ``num_keep`` as its layer average (1.5 times as many in the
+    first half of the decoder, half as many after it); every other method is
+    [`make_reducer`][tokred.bench.suites.vlm.make_reducer] in one stage.
+    """
+    if method == TWO_STAGE_METHOD:
+        return paper_schedule(model, average=max(2, num_keep), seed=seed)
+    return {"reducer": make_reducer(method, num_keep, seed=seed)}
 
 
 class VLMSuite(ReferenceSuite):
@@ -166,7 +192,7 @@ class VLMSuite(ReferenceSuite):
         """Every reducer asked for exists and can run on the LLaVA."""
         runnable = method_names()
         for method in self._methods(args, command):
-            if method == REFERENCE_METHOD:
+            if method in (REFERENCE_METHOD, TWO_STAGE_METHOD):
                 continue
             REDUCERS.get(method)  # an unknown name raises, listing the known ones
             if method not in runnable:
@@ -234,15 +260,15 @@ class VLMSuite(ReferenceSuite):
         self.per_kind = {}
         rows: list[BenchResult] = []
 
-        def measure(method: str, budget: str, value: float, reducer: Reducer | None) -> BenchResult:
-            context = attach(model, reducer, positions=positions) if reducer is not None else contextlib.nullcontext()
+        def measure(method: str, budget: str, value: float, schedule: dict[str, Any] | None) -> BenchResult:
+            context = attach(model, **schedule, positions=positions) if schedule else contextlib.nullcontext()
             with progress(total=len(questions), desc=f"vlm {method} {budget}", unit="q") as bar, context as handle:
                 result = evaluate(model, processor, questions, encoded=encoded, on_batch=bar.update)
                 run = self._prefill(model, probe)
                 gflops = self._gflops(run, probe_size)
                 tokens = float(total)
                 if handle is not None and handle.last_stats is not None and handle.last_stats.groups:
-                    tokens = handle.last_stats.kept_per_group
+                    tokens = handle.last_stats.average_visual_tokens
                 timing = time_call(run)
                 _, peak = peak_memory(run)
             self.per_kind[(method, budget)] = result.per_kind
@@ -266,8 +292,8 @@ class VLMSuite(ReferenceSuite):
         for method in self._methods(args, "bench"):
             for fraction_kept in budgets:
                 keep = max(1, round(fraction_kept * total))
-                reducer = make_reducer(method, keep, seed=args.seed)
-                rows.append(measure(method, f"{round(fraction_kept * 100)}% tokens", fraction_kept, reducer))
+                schedule = schedule_for(method, model, keep, seed=args.seed)
+                rows.append(measure(method, f"{round(fraction_kept * 100)}% tokens", fraction_kept, schedule))
         return rows
 
     # ------------------------------------------------------------------------------------------ demo
@@ -304,9 +330,9 @@ class VLMSuite(ReferenceSuite):
             dense_accuracy = score(
                 accuracy_set.questions, predict(model, processor, accuracy_batches, on_batch=bar.update)
             )
-            reducer = make_reducer(method, keep, seed=args.seed)
+            schedule = schedule_for(method, model, keep, seed=args.seed)
             positions = getattr(args, "vlm_positions", POSITIONS)
-            with attach(model, reducer, positions=positions, record_plans=True) as handle:
+            with attach(model, **schedule, positions=positions, record_plans=True) as handle:
                 reduced = answers(model.generate(**inputs, **generate))
                 plans = handle.last_plans
                 kept = handle.last_stats.kept_per_group
