@@ -5,9 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokred.core.reduction import Reduction
-from tokred.vlm.hooks.stages import StageStats
 
 __all__ = ["GroupPlan", "PrefillStats", "StageStats"]
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What one inner stage did at the last prefill.
+
+    Attributes:
+        layer: The stage's first short layer.
+        length: Padded sequence length from that layer on.
+        kept_visual_tokens: Visual tokens left from that layer on (structural tokens included), over the batch.
+    """
+
+    layer: int
+    length: int
+    kept_visual_tokens: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ class PrefillStats:
         """Visual tokens per group averaged over the decoder layers: the paper's "average token count".
 
         ApET's 96 tokens in layers 1–16 and 32 in layers 17–32 average 64; single-stage, it equals
-        [`kept_per_group`][tokred.vlm.PrefillStats.kept_per_group].
+        [`kept_per_group`][tokred.vlm.results.PrefillStats.kept_per_group].
         """
         per_layer = self.layer_visual_tokens
         if not per_layer or not self.groups:

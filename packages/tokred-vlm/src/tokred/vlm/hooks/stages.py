@@ -26,6 +26,7 @@ import torch
 
 from tokred.core.reducer import Reducer
 from tokred.vlm.hooks.groups import reduce_groups
+from tokred.vlm.results import StageStats
 from tokred.vlm.sequence import compact_positions, decode_positions, padding_mask_from, survivor_index
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "ShortArguments",
     "StageContext",
     "StageState",
-    "StageStats",
     "enter_stage",
     "has_stage_states",
     "layer_types",
@@ -61,21 +61,6 @@ class InnerStage:
 
     layer: int
     reducer: Reducer
-
-
-@dataclass(frozen=True)
-class StageStats:
-    """What one inner stage did at the last prefill.
-
-    Attributes:
-        layer: The stage's first short layer.
-        length: Padded sequence length from that layer on.
-        kept_visual_tokens: Visual tokens left from that layer on (structural tokens included), over the batch.
-    """
-
-    layer: int
-    length: int
-    kept_visual_tokens: int
 
 
 @dataclass
