@@ -205,6 +205,20 @@ def test_threads_get_what_they_get_alone():
     assert all(torch.equal(a, b) for a, b in zip(results, alone, strict=True))
 
 
+def test_the_loss_is_that_of_the_last_stages_sequence():
+    model = tiny_model("llava", attn_implementation="sdpa", seed=0, decoder_layers=LAYERS)
+    inputs = tiny_inputs(model, SAMPLE_ROWS["llava"], seed=1)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]  # every row ends with two text tokens
+    with attach(model, first_stage(), layers={STAGE: inner_stage()}):
+        loss = model(**inputs, labels=labels).loss
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    predicted = logits[:, -3:-1].reshape(-1, logits.shape[-1])  # the rows stay right-aligned in every stage
+    expected = torch.nn.functional.cross_entropy(predicted, labels[:, -2:].reshape(-1))
+    torch.testing.assert_close(loss.detach(), expected)
+
+
 def test_stats_count_the_decoders_operations():
     model = tiny_model("llava", attn_implementation="sdpa", seed=0, decoder_layers=LAYERS)
     inputs = tiny_inputs(model, SAMPLE_ROWS["llava"], seed=1)

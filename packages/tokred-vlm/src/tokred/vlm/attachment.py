@@ -369,6 +369,11 @@ class Attachment:
         if context is not None and pending is not None:
             stats = dataclasses.replace(pending.stats, stages=tuple(context.stats))
             self._publish_prefill(stats, pending.plans)
+            if getattr(self._calls, "loss", False) and context.short is not None:
+                # The logits are in the last stage's columns: compose the plans for the labels.
+                first = pending.survivors
+                columns = context.columns if first is None else first.index.gather(1, context.columns)
+                self._calls.survivors = Survivors(columns, context.mask)
 
     def _publish_prefill(self, stats: PrefillStats, plans: list[GroupPlan] | None) -> None:
         """Make one prefill's stats (completed with the decoder's per-layer FLOPs) and plans the latest."""

@@ -106,14 +106,16 @@ class StageContext:
             2-D mask for the step (decode; None when the decoder got none or a 4-D mask).
         group: Long ``(B, Lc)`` at prefill: the group of every visual token, ``-1`` for structural tokens,
             ``TEXT`` elsewhere.
+        columns: Long ``(B, Lc)`` at prefill: the column of the decoder's input that every current column holds
+            (for gathering labels with every stage's plan).
         short: The arguments of the layers from the last entered stage on, or None before any stage shortened.
-        hidden: The shortened hidden states the entry layer passes on.
         stats: One entry per stage that ran in this prefill.
     """
 
     prefill: bool
     mask: torch.Tensor | None
     group: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
     short: ShortArguments | None = None
     stats: list[StageStats] = field(default_factory=list)
 
@@ -262,6 +264,8 @@ def _enter_prefill(
     )
     context.mask = new_mask
     context.group = torch.where(new_mask, group.gather(1, index), TEXT)
+    if context.columns is not None:
+        context.columns = context.columns.gather(1, index)
     context.stats.append(StageStats(stage.layer, index.shape[1], kept_visual))
     return short_hidden
 
@@ -282,5 +286,6 @@ def open_context(
     mask = kwargs.get("attention_mask")
     if prefill:
         valid = padding_mask_from(mask, batch, length, device)
-        return StageContext(True, valid, torch.where(valid, group, TEXT) if group is not None else None)
+        columns = torch.arange(length, device=device).expand(batch, length)
+        return StageContext(True, valid, torch.where(valid, group, TEXT) if group is not None else None, columns)
     return StageContext(False, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
