@@ -19,25 +19,40 @@ measured time of one decoder layer at full length. Run, e.g.:
     uv run python benchmarks/bench_vlm.py                       # fp32, 2 decoder layers, median of 5
     uv run python benchmarks/bench_vlm.py --layers 4 --repeats 3 --keep 192 64
     uv run python benchmarks/bench_vlm.py --quick               # tiny widths, a smoke run of a few seconds
+
+``--two-stage`` adds ApET's two-stage schedule (``paper_schedule(model, average=A)``: ``1.5 A`` tokens per image
+in the first half of the decoder, ``0.5 A`` after layer ``layers // 2``, for A in ``--averages``) to the same
+alternating rounds, and a table of it against dense and single-stage ApET: prefill and in-prefill decoder time,
+the token-count and FLOPs ideals from ``handle.last_stats``, and the inner stage's own cost (tokred's forward
+pre-hook of the stage's entry layer, timed by hooks around it in the same prefills, and the inner ApET alone on
+a ``(batch, 1.5 A, 4096)`` tensor). It is off by default to keep the default run short; use it with a deeper
+decoder, so both halves have several layers (about 11 minutes on 2 idle cores):
+
+    uv run python benchmarks/bench_vlm.py --layers 8 --two-stage --repeats 3 --decoder-repeats 2 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from tokred.bench.measure import time_call
-from tokred.vlm import ApET, attach
+from tokred.vlm import ApET, Attachment, PrefillStats, attach, paper_schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_DEPTH = 32  # decoder layers of LLaMA-7B / Vicuna-7B, for the 7B-scale extrapolation
@@ -94,6 +109,29 @@ def make_inputs(config: LlavaConfig, batch: int, prompt_tokens: int, before: int
     }
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One compared setting: dense, single-stage ``ApET(num_keep=keep)``, or the two-stage schedule at ``average``."""
+
+    keep: int | None = None
+    average: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.average is not None:
+            return f"two-stage avg {self.average}"
+        return "dense" if self.keep is None else f"ApET K={self.keep}"
+
+    def attach(self, model: Any) -> Attachment | None:
+        """Attach this setting's reducers to ``model`` (None for dense)."""
+        if self.average is not None:
+            return attach(model, **paper_schedule(model, average=self.average))
+        return attach(model, ApET(num_keep=self.keep)) if self.keep is not None else None
+
+
+DENSE = Setting()
+
+
 class SegmentTimer:
     """Forward hooks that time the stages of one LLaVA prefill, installed after ``attach`` so they nest inside it.
 
@@ -101,9 +139,12 @@ class SegmentTimer:
       decoder's own forward (after tokred's pre-hook has dropped tokens).
     * ``reduce``: from the first to the last projector pre-hook, i.e. tokred's ``space="vision"`` hook running
       ApET on the pre-projector features; ``drop``: tokred's decoder pre-hook (dropping tokens, positions, mask).
+    * ``stage`` (with ``stage_layer``): from the first to the last pre-hook of that decoder layer, i.e. tokred's
+      inner-stage hook (ApET on the hidden states, the gather of the survivors, the short mask and rotary
+      tables). It runs inside the decoder's forward, so it is part of ``decoder`` too.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, stage_layer: int | None = None) -> None:
         self.start: dict[str, float] = {}
         self.ms: dict[str, float] = defaultdict(float)
         base = model.model
@@ -121,6 +162,12 @@ class SegmentTimer:
                 module.register_forward_pre_hook(self._closer(before)),
                 module.register_forward_pre_hook(self._opener(name)),
                 module.register_forward_hook(self._closer(name)),
+            ]
+        if stage_layer is not None:
+            layer = base.language_model.layers[stage_layer]
+            self.handles += [
+                layer.register_forward_pre_hook(self._opener("stage"), prepend=True),
+                layer.register_forward_pre_hook(self._closer("stage")),
             ]
 
     def _opener(self, name: str) -> Callable[..., None]:
@@ -141,14 +188,14 @@ class SegmentTimer:
 
 
 def prefill(
-    model: Any, inputs: dict[str, torch.Tensor], keep: int | None, capture: dict[str, Any] | None = None
-) -> tuple[dict[str, float], int, int]:
-    """One timed prefill; returns the segment times (ms, ``total`` included), the visual tokens and length.
+    model: Any, inputs: dict[str, torch.Tensor], setting: Setting, capture: dict[str, Any] | None = None
+) -> tuple[dict[str, float], PrefillStats | None]:
+    """One timed prefill; returns the segment times (ms, ``total`` and ``stage`` included) and tokred's stats.
 
     With ``capture``, also stores there the arguments the language decoder received (after tokred's hook).
     """
-    handle = attach(model, ApET(num_keep=keep)) if keep is not None else None
-    timer = SegmentTimer(model)
+    handle = setting.attach(model)
+    timer = SegmentTimer(model, handle.stages[0].layer if handle is not None and handle.stages else None)
     if capture is not None:
 
         def store(_: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -166,13 +213,18 @@ def prefill(
     ms = {name: timer.ms.get(name, 0.0) for name in SEGMENTS}
     ms["total"] = total
     ms["rest"] = total - sum(ms[name] for name in SEGMENTS)
+    ms["stage"] = timer.ms.get("stage", 0.0)  # inside ``decoder``, so not part of ``rest``'s sum
+    stats = handle.last_stats if handle is not None else None
+    assert handle is None or stats is not None, "attach() did not reduce this prefill"
+    return ms, stats
+
+
+def first_stage_shape(inputs: dict[str, torch.Tensor], stats: PrefillStats | None) -> tuple[int, int]:
+    """Visual tokens per image and sequence length after the first stage (dense: the input's)."""
     batch, length = inputs["input_ids"].shape
-    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum()) // batch
-    if handle is not None:
-        stats = handle.last_stats
-        assert stats is not None, "attach() did not reduce this prefill"
-        visual, length = stats.kept_visual_tokens // batch, stats.reduced_length
-    return ms, visual, length
+    if stats is None:
+        return int((inputs["input_ids"] == IMAGE_TOKEN).sum()) // batch, length
+    return stats.kept_visual_tokens // batch, stats.reduced_length
 
 
 def run_decoder(decoder: Any, call: dict[str, Any]) -> float:
@@ -190,14 +242,41 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
+def progress(what: str, since: float) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.perf_counter() - since:6.0f} s] {what} done, load average {load_average()}", file=sys.stderr)
+
+
 def decoder_flops(length: int, config: LlamaConfig) -> float:
     """Matmul FLOPs of one decoder layer on ``length`` tokens, attention scores counted over the full square."""
     d, ff = config.hidden_size, config.intermediate_size
     return 2 * length * (4 * d * d + 3 * d * ff) + 4 * length * length * d
 
 
+def paired(dense: list[float], reduced: list[float]) -> float:
+    """Median over the rounds of dense / reduced time, each pair measured in the same round."""
+    return statistics.median(d / r for d, r in zip(dense, reduced, strict=True))
+
+
+def token_ideal(stats: PrefillStats | None) -> float:
+    """Dense sequence length summed over the decoder layers / the lengths the layers actually ran on."""
+    if stats is None:
+        return 1.0
+    return stats.original_length * stats.num_layers / sum(stats.layer_lengths)
+
+
+def flops_ideal(stats: PrefillStats | None) -> float:
+    """The dense decoder's FLOPs / this prefill's, as tokred counts them (``tokred.vlm.flops``)."""
+    return stats.dense_decoder_flops / stats.decoder_flops if stats is not None else 1.0
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--two-stage is off by default so that the default run stays short (about 4.5 minutes on 2 cores); "
+        "it adds len(--averages) prefills to every round. With --layers 8 the inner stage follows layer 4, the "
+        "proportional depth of LLaVA-1.5-7B's layer 16 of 32.",
+    )
     parser.add_argument("--keep", type=int, nargs="+", default=[192, 128, 64], help="ApET budgets per image")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers built (LLaMA-7B has 32; default 2)")
     parser.add_argument("--batch", type=int, default=1)
@@ -211,9 +290,26 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     parser.add_argument("--quick", action="store_true", help="tiny widths (576 tokens kept): a smoke run")
+    parser.add_argument(
+        "--two-stage",
+        action="store_true",
+        help="also time ApET's two-stage schedule, attach(model, **paper_schedule(model, average=A)), in the same "
+        "alternating rounds, with its inner stage after layer layers // 2; needs --layers >= 2 (8 recommended)",
+    )
+    parser.add_argument(
+        "--averages",
+        type=int,
+        nargs="+",
+        default=[192, 128, 64],
+        help="two-stage average budgets per image (default 192 128 64: 288->96, 192->64, 96->32 tokens)",
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every figure to PATH")
     args = parser.parse_args()
+    if args.two_stage and args.layers < 2:
+        parser.error("--two-stage needs a decoder of at least 2 layers (--layers 8 recommended)")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     dtype = DTYPES[args.dtype]
+    wall_start = time.perf_counter()
 
     config = build_config(args.quick, args.layers, args.attn)
     vision, text = config.vision_config, config.text_config
@@ -225,10 +321,11 @@ def main() -> None:
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     params = sum(p.numel() for p in model.parameters())
 
+    load_start = load_average()
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
     print(
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}; {args.dtype}, attn {args.attn}, batch {args.batch}; "
-        f"median of {args.repeats} after 1 warm-up round; random weights; load average {load_average()}"
+        f"CPU: {cpu}, torch {torch.__version__}; {args.dtype}, attn {args.attn}, batch {args.batch}; "
+        f"median of {args.repeats} after 1 warm-up round; random weights; load average {load_start}"
     )
     print(
         f"Model: LLaVA-1.5-7B shapes{' (--quick: tiny widths)' if args.quick else ''}: CLIP vision "
@@ -240,71 +337,82 @@ def main() -> None:
     print(
         "Measured: one model(**inputs, logits_to_keep=1) call under torch.no_grad per run (vision tower + "
         "projector + decoder, the last token's logits); segments by forward hooks inside the same calls; "
-        "ApET through attach(model, ApET(num_keep=K)) with the default space='vision' (before the projector). "
-        f"Then the decoder alone, median of {args.decoder_repeats} rounds."
+        "ApET through attach(model, ApET(num_keep=K)) with the default space='vision' (before the projector)"
+        + (", two stages through attach(model, **paper_schedule(model, average=A))" if args.two_stage else "")
+        + f". Then the decoder alone, median of {args.decoder_repeats} rounds."
     )
 
-    settings: list[int | None] = [None, *args.keep]
-    runs: dict[int | None, list[dict[str, float]]] = {keep: [] for keep in settings}
-    shape: dict[int | None, tuple[int, int]] = {}
-    calls: dict[int | None, dict[str, Any]] = {keep: {} for keep in settings}
-    decoder_runs: dict[int | None, list[float]] = {keep: [] for keep in settings}
+    single = [DENSE, *(Setting(keep=keep) for keep in args.keep)]
+    two_stage = [Setting(average=average) for average in args.averages] if args.two_stage else []
+    settings = single + two_stage
+    runs: dict[Setting, list[dict[str, float]]] = {setting: [] for setting in settings}
+    stats: dict[Setting, PrefillStats | None] = {}
+    calls: dict[Setting, dict[str, Any]] = {setting: {} for setting in single}
+    decoder_runs: dict[Setting, list[float]] = {setting: [] for setting in single}
     decoder = model.model.language_model
     with torch.no_grad():
         # (a, b) whole prefills, dense and reduced, with the stages timed inside them.
         for round_ in range(args.repeats + 1):  # round 0 warms up
             shift = round_ % len(settings)  # rotate the order, so no setting always follows the same one
-            for keep in settings[shift:] + settings[:shift]:
-                ms, visual, length = prefill(model, inputs, keep, calls[keep] if round_ == 0 else None)
-                shape[keep] = (visual, length)
+            for setting in settings[shift:] + settings[:shift]:
+                ms, stats[setting] = prefill(model, inputs, setting, calls.get(setting) if round_ == 0 else None)
                 if round_:
-                    runs[keep].append(ms)
+                    runs[setting].append(ms)
+            progress(f"prefill round {round_}/{args.repeats}", wall_start)
+        shape = {setting: first_stage_shape(inputs, stats[setting]) for setting in settings}
         # (c) the decoder alone, replayed on the inputs it received in those prefills: cheaper, so more repeats.
+        # Single-stage only: an inner stage runs in tokred's layer hooks, which need the whole prefill's context.
         for round_ in range(args.decoder_repeats + 1):
-            shift = round_ % len(settings)
-            for keep in settings[shift:] + settings[:shift]:
-                ms = run_decoder(decoder, calls[keep])
+            shift = round_ % len(single)
+            for setting in single[shift:] + single[:shift]:
+                ms = run_decoder(decoder, calls[setting])
                 if round_:
-                    decoder_runs[keep].append(ms)
+                    decoder_runs[setting].append(ms)
+            progress(f"decoder round {round_}/{args.decoder_repeats}", wall_start)
         del calls
         # (d) ApET on its own, on the features it sees in each space.
-        num_tokens = shape[None][0]
+        num_tokens = shape[DENSE][0]
         gen = torch.Generator().manual_seed(1)
         features = {
             "vision": torch.randn(args.batch, num_tokens, vision.hidden_size, generator=gen).to(dtype),
             "llm": torch.randn(args.batch, num_tokens, text.hidden_size, generator=gen).to(dtype),
         }
+        repeats = max(10, 2 * args.repeats)
         alone = {}
         for space, x in features.items():
             for keep in args.keep:
                 reducer = ApET(num_keep=keep)
                 call = functools.partial(reducer, x)
-                alone[(space, keep)] = time_call(call, repeats=max(10, 2 * args.repeats), warmup=2).median * 1e3
+                alone[(space, keep)] = time_call(call, repeats=repeats, warmup=2).median * 1e3
+        # (e) each inner stage's ApET on its own, on a (batch, first-stage tokens, decoder width) tensor.
+        inner_alone = {}
+        for setting in two_stage:
+            (inner,) = paper_schedule(model, average=setting.average)["layers"].values()
+            x = torch.randn(args.batch, shape[setting][0], text.hidden_size, generator=gen).to(dtype)
+            inner_alone[setting] = time_call(functools.partial(inner, x), repeats=repeats, warmup=2).median * 1e3
 
-    med = {keep: {name: statistics.median(run[name] for run in runs[keep]) for name in runs[keep][0]} for keep in runs}
-    dec = {keep: statistics.median(times) for keep, times in decoder_runs.items()}
-    full, full_length = med[None], shape[None][1]
+    med = {s: {name: statistics.median(run[name] for run in runs[s]) for name in runs[s][0]} for s in settings}
+    dec = {setting: statistics.median(times) for setting, times in decoder_runs.items()}
+    full, full_length = med[DENSE], shape[DENSE][1]
 
-    def paired(keep: int, name: str) -> float:
-        """Median over the rounds of dense / reduced time, each pair measured in the same round."""
+    def speedup(setting: Setting, name: str) -> float:
+        """Paired dense / reduced speed-up of one segment (``replayed``: the decoder replayed alone)."""
         if name == "replayed":
-            pairs = zip(decoder_runs[None], decoder_runs[keep], strict=True)
-        else:
-            pairs = ((d[name], r[name]) for d, r in zip(runs[None], runs[keep], strict=True))
-        return statistics.median(d / r for d, r in pairs)
+            return paired(decoder_runs[DENSE], decoder_runs[setting])
+        return paired([run[name] for run in runs[DENSE]], [run[name] for run in runs[setting]])
 
-    def overhead_ms(keep: int) -> float:
+    def overhead_ms(setting: Setting) -> float:
         """Median over the rounds of what attach adds: ApET in the model, the token drop, any extra rest time."""
         return statistics.median(
-            r["reduce"] + r["drop"] + r["rest"] - d["rest"] for d, r in zip(runs[None], runs[keep], strict=True)
+            r["reduce"] + r["drop"] + r["rest"] - d["rest"] for d, r in zip(runs[DENSE], runs[setting], strict=True)
         )
 
-    per_layer = dec[None] / args.layers
+    per_layer = dec[DENSE] / args.layers
     scaled = full["vision"] + full["projector"] + FULL_DEPTH * per_layer
     print(
         f"\n7B-scale prefill (extrapolated): vision tower {full['vision']:.0f} ms + projector "
         f"{full['projector']:.0f} ms + {FULL_DEPTH} x {per_layer:.0f} ms per decoder layer at full length "
-        f"({full_length} tokens; decoder {dec[None]:.0f} ms / {args.layers} layers) = {scaled:.0f} ms\n"
+        f"({full_length} tokens; decoder {dec[DENSE]:.0f} ms / {args.layers} layers) = {scaled:.0f} ms\n"
     )
     print(
         f"Decoder: the language decoder alone, replayed on the exact inputs it received in the prefills (tokens "
@@ -318,18 +426,18 @@ def main() -> None:
         "| decoder speed-up | ideal (tokens) | ideal (FLOPs) | measured / ideal | ApET ms | ApET % of 7B prefill |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for keep in settings:
-        (visual, length), total = shape[keep], med[keep]["total"]
-        if keep is None:
-            print(f"| dense | {visual} | {length} | {total:.0f} | | {dec[None]:.0f} | | | | | | |")
+    for setting in single:
+        (visual, length), total = shape[setting], med[setting]["total"]
+        if setting == DENSE:
+            print(f"| dense | {visual} | {length} | {total:.0f} | | {dec[DENSE]:.0f} | | | | | | |")
             continue
-        speedup, ideal = paired(keep, "replayed"), full_length / length
-        flops_ideal = decoder_flops(full_length, text) / decoder_flops(length, text)
-        apet = alone[("vision", keep)]
+        gain, ideal = speedup(setting, "replayed"), full_length / length
+        flops_ratio = decoder_flops(full_length, text) / decoder_flops(length, text)
+        apet = alone[("vision", setting.keep)]
         print(
-            f"| ApET K={keep} | {visual} | {length} | {total:.0f} | {paired(keep, 'total'):.2f}x | {dec[keep]:.0f} "
-            f"| {speedup:.2f}x | {ideal:.2f}x | {flops_ideal:.2f}x | {speedup / ideal:.0%} | {apet:.1f} "
-            f"| {apet / scaled:.3%} |"
+            f"| {setting.label} | {visual} | {length} | {total:.0f} | {speedup(setting, 'total'):.2f}x "
+            f"| {dec[setting]:.0f} | {gain:.2f}x | {ideal:.2f}x | {flops_ratio:.2f}x | {gain / ideal:.0%} "
+            f"| {apet:.1f} | {apet / scaled:.3%} |"
         )
 
     print(
@@ -341,18 +449,18 @@ def main() -> None:
         "| measured / ideal | rest | total | attach overhead |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for keep in settings:
-        m = med[keep]
-        if keep is None:
+    for setting in single:
+        m = med[setting]
+        if setting == DENSE:
             extra = "| | | {rest:.1f} | {total:.0f} | |"
         else:
-            speedup = paired(keep, "decoder")
+            gain = speedup(setting, "decoder")
             extra = (
-                f"| {speedup:.2f}x | {speedup / (full_length / shape[keep][1]):.0%} | {{rest:.1f}} | {{total:.0f}} "
-                f"| {overhead_ms(keep):.1f} |"
+                f"| {gain:.2f}x | {gain / (full_length / shape[setting][1]):.0%} | {{rest:.1f}} | {{total:.0f}} "
+                f"| {overhead_ms(setting):.1f} |"
             )
         print(
-            f"| {'dense' if keep is None else f'ApET K={keep}'} | {m['vision']:.0f} | {m['reduce']:.1f} "
+            f"| {setting.label} | {m['vision']:.0f} | {m['reduce']:.1f} "
             f"| {m['projector']:.1f} | {m['drop']:.1f} | {m['decoder']:.0f} "
             + extra.format(rest=m["rest"], total=m["total"])
         )
@@ -368,33 +476,38 @@ def main() -> None:
         f"\n7B-scale prefill, extrapolated the same way for every setting (vision tower + ApET in model + projector "
         f"+ {FULL_DEPTH} x the decoder's time per layer):"
     )
-    for keep in settings:
-        m = med[keep]
-        estimate = m["vision"] + m["reduce"] + m["projector"] + FULL_DEPTH * dec[keep] / args.layers
-        label = "dense" if keep is None else f"ApET K={keep}"
-        ratio = "" if keep is None else f", {scaled / estimate:.2f}x"
-        print(f"* {label}: {estimate:.0f} ms{ratio}")
+    estimates = {}
+    for setting in single:
+        m = med[setting]
+        estimates[setting] = m["vision"] + m["reduce"] + m["projector"] + FULL_DEPTH * dec[setting] / args.layers
+        ratio = "" if setting == DENSE else f", {scaled / estimates[setting]:.2f}x"
+        print(f"* {setting.label}: {estimates[setting]:.0f} ms{ratio}")
 
     # Decoder time against sequence length: a straight line's intercept is what every call pays whatever its length.
-    lengths = [float(shape[keep][1]) for keep in settings]
-    times = [dec[keep] for keep in settings]
+    lengths = [float(shape[setting][1]) for setting in single]
+    times = [dec[setting] for setting in single]
     mean_l, mean_t = statistics.fmean(lengths), statistics.fmean(times)
     slope = sum((x - mean_l) * (y - mean_t) for x, y in zip(lengths, times, strict=True)) / sum(
         (x - mean_l) ** 2 for x in lengths
     )
     intercept = mean_t - slope * mean_l
     print(
-        f"\nDecoder time against sequence length, least-squares line over the {len(settings)} settings: "
+        f"\nDecoder time against sequence length, least-squares line over the {len(single)} settings: "
         f"{intercept / args.layers:.0f} ms + {slope / args.layers:.3f} ms x tokens per layer. The token-count ideal "
         "assumes the first term is 0."
     )
-    print(f"Load average at the end: {load_average()}")
+
+    stage_estimates: dict[Setting, float] = {}
+    if two_stage:
+        stage_estimates = report_two_stage(args, settings, shape, stats, runs, med, inner_alone, scaled)
+    load_end = load_average()
+    print(f"Load average at the end: {load_end}")
 
     if args.quick:
         print("\n(--quick: tiny widths; the targets below are meant for the real shapes)")
     smallest = min(args.keep)
-    fraction = paired(smallest, "replayed") / (full_length / shape[smallest][1])
-    worst = max(max(alone.values()), max(med[keep]["reduce"] for keep in args.keep))
+    fraction = speedup(Setting(keep=smallest), "replayed") / (full_length / shape[Setting(keep=smallest)][1])
+    worst = max(max(alone.values()), max(med[setting]["reduce"] for setting in single[1:]))
     print(
         f"\nTarget: decoder speed-up at K={smallest} >= {TARGET_SPEEDUP:.0%} of the token-count ideal: "
         f"{'met' if fraction >= TARGET_SPEEDUP else 'MISSED'} ({fraction:.0%})."
@@ -404,6 +517,150 @@ def main() -> None:
         f"{'met' if worst < TARGET_COST * scaled else 'MISSED'} (worst {worst:.1f} ms of {scaled:.0f} ms = "
         f"{worst / scaled:.3%}, over every budget and both spaces, alone and inside the model)."
     )
+    wall_s = time.perf_counter() - wall_start
+    print(f"Wall time: {wall_s:.0f} s")
+
+    if args.json is not None:
+        rows = []
+        for setting in settings:
+            st, replayable = stats[setting], setting in dec
+            rows.append(
+                {
+                    "label": setting.label,
+                    "keep": setting.keep,
+                    "average": setting.average,
+                    "visual_tokens": shape[setting][0],
+                    "sequence_length": shape[setting][1],
+                    "layer_lengths": list(st.layer_lengths) if st is not None else [full_length] * args.layers,
+                    "inner_stages": [vars(stage) for stage in st.stages] if st is not None else [],
+                    "average_visual_tokens": st.average_visual_tokens if st is not None else num_tokens,
+                    "ideal_tokens": token_ideal(st),
+                    "ideal_flops": flops_ideal(st),
+                    "median_ms": med[setting],
+                    "prefill_speedup": speedup(setting, "total"),
+                    "decoder_speedup": speedup(setting, "decoder"),
+                    "replayed_decoder_ms": dec[setting] if replayable else None,
+                    "replayed_decoder_speedup": speedup(setting, "replayed") if replayable else None,
+                    "inner_apet_alone_ms": inner_alone.get(setting),
+                    "estimate_7b_ms": (stage_estimates or estimates).get(setting),
+                    "rounds": runs[setting],
+                }
+            )
+        report = {
+            "environment": {
+                "cpu": cpu,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "load_average": [load_start, load_end],
+                "parameters": params,
+                "build_s": build_s,
+                "wall_s": wall_s,
+            },
+            "arguments": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+            "settings": rows,
+            "apet_alone_ms": {f"{space} K={keep}": ms for (space, keep), ms in alone.items()},
+            "estimate_7b_dense_ms": scaled,
+            "decoder_line_per_layer_ms": {"intercept": intercept / args.layers, "slope": slope / args.layers},
+        }
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"Wrote {args.json}")
+
+
+def report_two_stage(
+    args: argparse.Namespace,
+    settings: list[Setting],
+    shape: dict[Setting, tuple[int, int]],
+    stats: dict[Setting, PrefillStats | None],
+    runs: dict[Setting, list[dict[str, float]]],
+    med: dict[Setting, dict[str, float]],
+    inner_alone: dict[Setting, float],
+    scaled: float,
+) -> dict[Setting, float]:
+    """Print the two-stage tables (every setting, in-prefill times); return each setting's 7B-scale estimate."""
+
+    def gain(setting: Setting, name: str, base: Setting = DENSE) -> float:
+        return paired([run[name] for run in runs[base]], [run[name] for run in runs[setting]])
+
+    def lengths(setting: Setting) -> str:
+        st = stats[setting]
+        cuts = [f" -> {stage.length}" for stage in st.stages] if st is not None else []
+        return f"{shape[setting][1]}" + "".join(cuts)
+
+    def tokens(setting: Setting) -> str:
+        st = stats[setting]
+        cuts = [f" -> {stage.kept_visual_tokens // st.batch}" for stage in st.stages] if st is not None else []
+        return f"{shape[setting][0]}" + "".join(cuts)
+
+    layer = args.layers // 2
+    print(
+        f"\nTwo stages, decoder of {args.layers} layers, inner stage after layer {layer} (its first short layer is "
+        f"{layer}, 0-based); every setting in the same alternating rounds, median ms of {args.repeats}. Decoder = "
+        "its forward inside the prefill (the inner stage's hook included); ideal (tokens) = dense length x layers / "
+        "the lengths the layers ran on; ideal (FLOPs) = dense_decoder_flops / decoder_flops from handle.last_stats; "
+        "speed-ups are medians of ratios paired within a round.\n"
+    )
+    print(
+        "| setting | visual tokens | sequence length | average visual | ideal (tokens) | ideal (FLOPs) | prefill ms "
+        "| prefill speed-up | decoder ms | decoder speed-up | measured / ideal |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for setting in settings:
+        m, st = med[setting], stats[setting]
+        average = st.average_visual_tokens if st is not None else shape[setting][0]
+        head = (
+            f"| {setting.label} | {tokens(setting)} | {lengths(setting)} | {average:.0f} | {token_ideal(st):.2f}x "
+            f"| {flops_ideal(st):.2f}x | {m['total']:.0f} "
+        )
+        if setting == DENSE:
+            print(head + f"| | {m['decoder']:.0f} | | |")
+            continue
+        decoder_gain = gain(setting, "decoder")
+        print(
+            head + f"| {gain(setting, 'total'):.2f}x | {m['decoder']:.0f} | {decoder_gain:.2f}x "
+            f"| {decoder_gain / token_ideal(st):.0%} |"
+        )
+
+    print(
+        "\nThe inner stage's own cost, median ms: hook = tokred's pre-hook of the entry layer, timed inside the "
+        "prefills (ApET on the hidden states, the gather of the survivors, the short mask and rotary tables); "
+        "ApET alone = the inner ApET called directly on a random (batch, first-stage tokens, width) tensor; "
+        f"7B-scale prefill = vision tower + ApET + projector + token drop + {FULL_DEPTH}/{args.layers} x (decoder "
+        "- hook) + hook.\n"
+    )
+    print(
+        "| setting | inner hook | inner ApET alone | hook - ApET | hook % of decoder | hook % of 7B prefill "
+        "| 7B-scale prefill | 7B-scale speed-up |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    estimates = {}
+    for setting in settings:
+        m = med[setting]
+        fixed = m["vision"] + m["reduce"] + m["projector"] + m["drop"] + m["stage"]
+        estimates[setting] = fixed + FULL_DEPTH / args.layers * (m["decoder"] - m["stage"])
+        ratio = estimates[DENSE] / estimates[setting]
+        if setting not in inner_alone:
+            print(f"| {setting.label} | | | | | | {estimates[setting] / 1e3:.1f} s | {ratio:.2f}x |")
+            continue
+        hook, apet = m["stage"], inner_alone[setting]
+        print(
+            f"| {setting.label} | {hook:.1f} | {apet:.1f} | {hook - apet:.1f} | {hook / m['decoder']:.2%} "
+            f"| {hook / scaled:.3%} | {estimates[setting] / 1e3:.1f} s | {ratio:.2f}x |"
+        )
+
+    print("\nTwo stages against single-stage ApET, decoder inside the prefill (paired ratios, > 1: two stages faster):")
+    for setting in settings:
+        if setting.average is None:
+            continue
+        first = shape[setting][0]
+        lines = []
+        same_first, same_average = Setting(keep=first), Setting(keep=setting.average)
+        for other, why in ((same_first, "the same first stage"), (same_average, "the same average")):
+            if other in runs:
+                lines.append(f"{gain(setting, 'decoder', base=other):.2f}x vs {other.label} ({why})")
+        print(f"* {setting.label} ({tokens(setting)}): " + ("; ".join(lines) or "no single-stage row to compare"))
+    print()
+    return estimates
 
 
 if __name__ == "__main__":
