@@ -53,6 +53,7 @@ from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfi
 
 from tokred.bench.measure import time_call
 from tokred.vlm import ApET, Attachment, PrefillStats, attach, paper_schedule
+from tokred.vlm.flops import decoder_layer_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_DEPTH = 32  # decoder layers of LLaMA-7B / Vicuna-7B, for the 7B-scale extrapolation
@@ -247,12 +248,6 @@ def progress(what: str, since: float) -> None:
     print(f"[{time.perf_counter() - since:6.0f} s] {what} done, load average {load_average()}", file=sys.stderr)
 
 
-def decoder_flops(length: int, config: LlamaConfig) -> float:
-    """Matmul FLOPs of one decoder layer on ``length`` tokens, attention scores counted over the full square."""
-    d, ff = config.hidden_size, config.intermediate_size
-    return 2 * length * (4 * d * d + 3 * d * ff) + 4 * length * length * d
-
-
 def paired(dense: list[float], reduced: list[float]) -> float:
     """Median over the rounds of dense / reduced time, each pair measured in the same round."""
     return statistics.median(d / r for d, r in zip(dense, reduced, strict=True))
@@ -432,7 +427,7 @@ def main() -> None:
             print(f"| dense | {visual} | {length} | {total:.0f} | | {dec[DENSE]:.0f} | | | | | | |")
             continue
         gain, ideal = speedup(setting, "replayed"), full_length / length
-        flops_ratio = decoder_flops(full_length, text) / decoder_flops(length, text)
+        flops_ratio = decoder_layer_flops(text, full_length) / decoder_layer_flops(text, length)
         apet = alone[("vision", setting.keep)]
         print(
             f"| {setting.label} | {visual} | {length} | {total:.0f} | {speedup(setting, 'total'):.2f}x "
