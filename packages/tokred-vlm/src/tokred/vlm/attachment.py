@@ -346,7 +346,14 @@ class Attachment:
         stage = self._stage_at.get(index)
         if stage is not None:
             shortened = enter_stage(
-                self._decoder, stage, context, hidden, kwargs, owner=self._id, positions=self.positions
+                self._decoder,
+                stage,
+                context,
+                hidden,
+                kwargs,
+                types=self._layer_types,
+                owner=self._id,
+                positions=self.positions,
             )
             if shortened is not None:
                 hidden = shortened
@@ -378,13 +385,12 @@ class Attachment:
     def _publish_prefill(self, stats: PrefillStats, plans: list[GroupPlan] | None) -> None:
         """Make one prefill's stats (completed with the decoder's per-layer FLOPs) and plans the latest."""
         num_layers = len(self._layer_types)
-        stats = dataclasses.replace(stats, num_layers=num_layers)
         config = self._decoder.config
-        batch = stats.batch
+        stats = dataclasses.replace(stats, num_layers=num_layers)  # layer_lengths needs the depth
         stats = dataclasses.replace(
             stats,
-            decoder_flops=decoder_prefill_flops(config, stats.layer_lengths, batch),
-            dense_decoder_flops=decoder_prefill_flops(config, [stats.original_length] * num_layers, batch),
+            decoder_flops=decoder_prefill_flops(config, stats.layer_lengths, stats.batch),
+            dense_decoder_flops=decoder_prefill_flops(config, [stats.original_length] * num_layers, stats.batch),
         )
         with self._publish:  # the stats and plans of one prefill are published together
             self.last_stats = stats

@@ -28,7 +28,7 @@ import argparse
 import inspect
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,8 +261,12 @@ def _stages(text: str) -> list[tuple[int, int | float]]:
     return stages
 
 
-def _build_reducer(args: argparse.Namespace) -> Any | None:
-    """The reducer the arguments ask for, or None for a dense run (``--average`` builds it with the model)."""
+def _build_schedule(args: argparse.Namespace) -> Callable[[Any], dict[str, Any]] | None:
+    """What the arguments ask for, as a function of the loaded model giving ``attach``'s keyword arguments.
+
+    None for a dense run. Every argument error is raised here, before anything is loaded; ``--average`` needs the
+    model's depth, so its schedule is made from the model.
+    """
     dense = args.reducer is None or args.reducer.lower() == "none"
     budget = {"num_keep": args.num_keep} if args.num_keep is not None else {}
     if args.keep_ratio is not None:
@@ -286,35 +290,21 @@ def _build_reducer(args: argparse.Namespace) -> Any | None:
         raise IncompatibleReducerError(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
     from tokred.core import create_reducer, get_reducer_class
     from tokred.vlm.attachment import _check_reducer
+    from tokred.vlm.schedules import paper_schedule
 
     if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
         extra["seed"] = args.seed
     if args.average is not None:
         create_reducer(args.reducer, num_keep=2, **extra)  # a wrong reducer option fails before loading
-        return "paper schedule"
+        key = "average" if isinstance(args.average, int) else "average_ratio"
+        return lambda model: paper_schedule(model, reducer=args.reducer, **{key: args.average}, **extra)
     reducer = create_reducer(args.reducer, **budget, **extra)
     _check_reducer(reducer)  # before minutes of loading, not after
-    args.inner_stages = {}
+    layers = {}
     for layer, amount in args.layers or ():
         inner_budget = {"num_keep": amount} if isinstance(amount, int) else {"keep_ratio": amount}
-        args.inner_stages[layer] = create_reducer(args.reducer, **inner_budget, **extra)
-    return reducer
-
-
-def _schedule(args: argparse.Namespace, model: Any, reducer: Any) -> dict[str, Any]:
-    """The reducer and inner stages of the run, as ``attach`` keyword arguments."""
-    if reducer != "paper schedule":
-        return {"reducer": reducer, "layers": args.inner_stages or None}
-    from tokred.vlm.schedules import paper_schedule
-
-    extra = dict(args.reducer_arg)
-    if "seed" not in extra:
-        from tokred.core import get_reducer_class
-
-        if get_reducer_class(args.reducer).stochastic:
-            extra["seed"] = args.seed
-    key = "average" if isinstance(args.average, int) else "average_ratio"
-    return paper_schedule(model, reducer=args.reducer, **{key: args.average}, **extra)
+        layers[layer] = create_reducer(args.reducer, **inner_budget, **extra)
+    return lambda model: {"reducer": reducer, "layers": layers or None}
 
 
 # -- prompt and run --------------------------------------------------------------------------------------------
@@ -451,17 +441,17 @@ def _check_family(model_id: str, args: argparse.Namespace) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    reducer = _build_reducer(args)  # argument errors first, before anything is loaded
+    build_schedule = _build_schedule(args)  # argument errors first, before anything is loaded
     images = _load_images([*args.images, *args.image])
     model_id = _resolve_model(args.model)
-    if reducer is not None:
+    if build_schedule is not None:
         _check_family(model_id, args)
     processor = _load_processor(model_id)
     model = _load_model(args, model_id)
     inputs = _inputs(processor, model, images, args.prompt)
     args.max_new_tokens = _max_new_tokens(model, args.max_new_tokens)
 
-    if reducer is None:
+    if build_schedule is None:
         dense = _generate(model, processor, inputs, args.max_new_tokens)
         print(dense.text)
         print(_stats("dense", dense))
@@ -469,7 +459,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from tokred.vlm import attach
 
-    schedule = _schedule(args, model, reducer)
+    schedule = build_schedule(model)
     handle = attach(model, **schedule, space=args.space, positions=args.positions)  # refusals before any run
     handle.detach()  # attached again for the reduced run; the dense one runs on the untouched model
     dense = None

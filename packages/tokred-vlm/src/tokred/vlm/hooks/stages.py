@@ -166,6 +166,7 @@ def enter_stage(
     hidden: torch.Tensor,
     kwargs: dict[str, Any],
     *,
+    types: list[str],
     owner: int,
     positions: str,
 ) -> torch.Tensor | None:
@@ -177,6 +178,7 @@ def enter_stage(
         context: The call's context (updated in place).
         hidden: ``(B, Lc, C)`` the entry layer's input, the output of the layers before it.
         kwargs: The entry layer's keyword arguments (``position_embeddings``, ``position_ids``, the cache).
+        types: The attention type of every decoder layer ([`layer_types`][tokred.vlm.hooks.stages.layer_types]).
         owner: Id of the attachment, stamped on the cache state.
         positions: ``"original"`` or ``"compact"``.
 
@@ -187,7 +189,6 @@ def enter_stage(
     on a stage's cache length); with compact ones they continue from the stage's last prefill position.
     """
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    types = layer_types(decoder)
     current = context.short
     embeddings = current.position_embeddings if current is not None else kwargs["position_embeddings"]
     position_ids = current.position_ids if current is not None else kwargs.get("position_ids")
