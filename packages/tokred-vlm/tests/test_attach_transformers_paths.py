@@ -7,6 +7,8 @@ two ways of computing the same thing must agree (assisted = greedy, continued = 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -192,6 +194,23 @@ def test_assisted_decoding_matches_greedy_search_under_reduction(case, how):
         greedy = _generate(model, inputs)
         assisted = _generate(model, inputs, **extra)
     _assert_same_generation(assisted, greedy, exact=False)
+
+
+def test_features_as_a_tuple_are_the_unmodified_models(case):
+    family, model, inputs = case
+    modality = "video" if family in ("llava_onevision", "video_llava") and "pixel_values" not in inputs else "image"
+    function = getattr(model.model, f"get_{modality}_features")
+    names = inspect.signature(function).parameters
+    call = {k: v for k, v in inputs.items() if k in names}
+    with torch.no_grad():
+        expected = function(**call, return_dict=False)
+        with attach(model, keep_all()):
+            got = getattr(model.model, f"get_{modality}_features")(**call, return_dict=False)
+    assert isinstance(got, tuple)
+    leaves = [torch.utils._pytree.tree_leaves(out) for out in (got, expected)]
+    assert len(leaves[0]) == len(leaves[1]) > 0
+    for a, b in zip(*leaves, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------- labels

@@ -129,7 +129,11 @@ class EncodeRecorder:
             output = original(*args, **kwargs)
         finally:
             self._calls.scratch = outer
-        pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
+        if isinstance(output, tuple):
+            # return_dict=False: a tuple can carry no record, and a forward cannot take it as mm_encoder_outputs,
+            # so no prefill will look for one.
+            return output
+        pooled = output.pooler_output
         entries = list(pooled)
         if modality in self.adapter.packed_modalities:
             if scratch.packed is None:
