@@ -302,6 +302,8 @@ def test_unknown_reducers_are_refused_before_running(tiny_checkpoint):
     with pytest.raises(ValueError, match="'mtr' cannot run on the LLaVA"):
         suite.check_arguments(_args(tiny_checkpoint, vlm_reducers=("mtr",)), "bench")
     suite.check_arguments(_args(tiny_checkpoint, vlm_reducers=("apet-reference", "tome")), "bench")
+    with pytest.raises(LookupError, match=r"Did you mean 'apet-two-stage'\? The LLaVA suite runs: apet, apet-ref"):
+        suite.check_arguments(_args(tiny_checkpoint, vlm_reducers=("apet-two-stag",)), "bench")
 
 
 def test_the_chat_template_asks_question_first_whatever_the_order():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,7 +24,7 @@ from tokred.bench.reference.llava import encode, evaluate, load_reference_model,
 from tokred.bench.reference.questions import make_questions
 from tokred.bench.suite import BenchResult, DemoReport, ProgressFactory, ReferenceSuite
 from tokred.core.cli.options import fraction, fraction_list, name_list
-from tokred.core.errors import IncompatibleReducerError
+from tokred.core.errors import IncompatibleReducerError, UnknownReducerError
 from tokred.core.reducer import Reducer
 from tokred.core.registry import REDUCERS, create_reducer, get_reducer_class
 from tokred.vlm import ApET, attach, paper_schedule
@@ -191,15 +192,19 @@ class VLMSuite(ReferenceSuite):
     def check_arguments(self, args: argparse.Namespace, command: Literal["bench", "demo"]) -> None:
         """Every reducer asked for exists and can run on the LLaVA."""
         runnable = method_names()
+        slugs = [method_slug(m) for m in runnable]
         for method in self._methods(args, command):
-            if method in (REFERENCE_METHOD, TWO_STAGE_METHOD):
+            if method in runnable:
                 continue
-            REDUCERS.get(method)  # an unknown name raises, listing the known ones
-            if method not in runnable:
-                raise IncompatibleReducerError(
-                    f"--vlm-reducers: {method!r} cannot run on the LLaVA; these can: "
-                    f"{', '.join(method_slug(m) for m in runnable)}"
+            if method not in REDUCERS:  # neither a bench method nor a reducer: say what the suite runs
+                close = difflib.get_close_matches(method, slugs, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise UnknownReducerError(
+                    f"--vlm-reducers: unknown reducer {method!r}.{hint} The LLaVA suite runs: {', '.join(slugs)}"
                 )
+            raise IncompatibleReducerError(
+                f"--vlm-reducers: {method!r} cannot run on the LLaVA; these can: {', '.join(slugs)}"
+            )
         path = getattr(args, "vlm_model", None)
         if path is not None:
             load_reference_model(path)  # a bad folder is reported before anything runs
