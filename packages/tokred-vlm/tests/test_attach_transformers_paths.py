@@ -315,6 +315,23 @@ def test_continuing_from_a_returned_cache_matches_one_call(case, make):
     assert continued.cache.get_seq_length() == whole.cache.get_seq_length()
 
 
+@pytest.mark.parametrize("stages", [False, True], ids=["one_stage", "inner_stage"])
+def test_a_reused_cache_forgets_the_last_sequence(stages):
+    from transformers import StaticCache
+
+    model = tiny_model("llava", attn_implementation="sdpa", seed=0, decoder_layers=4)
+    inputs = tiny_inputs(model, SAMPLE_ROWS["llava"], seed=1)
+    text = tiny_inputs(model, [[5], [5]], seed=2)  # a new prompt, text only
+    expected = _generate(model, text, cache=StaticCache(config=model.config, max_cache_len=64))
+    layers = {2: create_reducer("apet", keep_ratio=0.5)} if stages else None
+    with attach(model, reduced(), layers=layers):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        _generate(model, inputs, cache=cache)
+        cache.reset()  # the cache object is used again for another sequence
+        got = _generate(model, text, cache=cache)
+    _assert_same_generation(got, expected, exact=True)
+
+
 # ------------------------------------------------------------------------------- the model's errors
 def test_a_placeholder_count_mismatch_raises_the_models_own_error(case):
     _family, model, inputs = case

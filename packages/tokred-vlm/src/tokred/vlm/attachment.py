@@ -59,6 +59,7 @@ from tokred.vlm.hooks.surgery import (
     PrefillResult,
     Survivors,
     cache_of,
+    forget_states,
     reduce_prefill,
     sequence_state,
     skip_cached_tokens,
@@ -263,15 +264,23 @@ class Attachment:
         encoded = newly_encoded if newly_encoded is not None else dict(kwargs.get("mm_encoder_outputs") or {})
         input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         _, cache = cache_of(kwargs)
-        if not any(encoded.get(m) is not None for m in self.adapter.modalities):
+        has_visual = any(encoded.get(m) is not None for m in self.adapter.modalities)
+        state = sequence_state(cache, self._id)
+        past = 0
+        if cache is not None and (has_visual or state is not None or has_stage_states(cache, self._id)):
+            past = int(cache.get_seq_length())
+            if past == 0:
+                # An emptied cache starts a new sequence: the last one's states would re-map its positions.
+                forget_states(cache)
+                state = None
+        if not has_visual:
             # No visual inputs: text, a decode step, or placeholders without pixels (which the model embeds as
             # ordinary tokens, and so does an attached model). A cache continued with the whole sequence again
             # is the one case that needs rewriting.
-            state = sequence_state(cache, self._id)
             if state is None:
                 return None
-            return args, skip_cached_tokens(kwargs, state, cache)
-        if cache is not None and int(cache.get_seq_length()) > 0:
+            return args, skip_cached_tokens(kwargs, state, past)
+        if past > 0:
             raise UnsupportedError(
                 "tokred.vlm reduces visual tokens only in a prefill that starts from an empty cache: continuing a "
                 "cache with new images or videos, and chunked prefill (generate's prefill_chunk_size), are not "

@@ -24,7 +24,7 @@ from tokred.core.reducer import Reducer
 from tokred.core.reduction import Reduction
 from tokred.vlm.hooks.groups import reduce_groups
 from tokred.vlm.hooks.placeholders import VisualTokens
-from tokred.vlm.hooks.stages import TEXT
+from tokred.vlm.hooks.stages import STAGES_ATTRIBUTE, TEXT
 from tokred.vlm.models.base import Positions
 from tokred.vlm.results import GroupPlan, PrefillStats
 from tokred.vlm.sequence import (
@@ -41,6 +41,7 @@ __all__ = [
     "PrefillResult",
     "SequenceState",
     "Survivors",
+    "forget_states",
     "reduce_prefill",
     "sequence_state",
     "skip_cached_tokens",
@@ -130,6 +131,17 @@ def sequence_state(cache: Any, owner: int) -> SequenceState | None:
     """The state a reduced prefill of attachment ``owner`` left on ``cache``, or None."""
     state = getattr(cache, STATE_ATTRIBUTE, None) if cache is not None else None
     return state if isinstance(state, SequenceState) and state.owner == owner else None
+
+
+def forget_states(cache: Any) -> None:
+    """Remove what a reduced prefill left on ``cache``, once the cache is emptied for another sequence.
+
+    A cache object can outlive its sequence (``StaticCache.reset()``, a cache passed to ``generate`` again); the
+    state of the last sequence must not re-map the next one's positions.
+    """
+    for name in (STATE_ATTRIBUTE, STAGES_ATTRIBUTE):
+        if name in vars(cache):
+            delattr(cache, name)
 
 
 def reduce_prefill(
@@ -248,13 +260,18 @@ def _collect_plans(visual: VisualTokens, llm_plans: dict[int, Reduction] | None)
     return plans
 
 
-def skip_cached_tokens(kwargs: dict[str, Any], state: SequenceState, cache: Any) -> dict[str, Any]:
+def skip_cached_tokens(kwargs: dict[str, Any], state: SequenceState, past: int) -> dict[str, Any]:
     """Drop the tokens a continued call passes again although the reduced cache holds them already.
 
     ``generate`` continuing from a returned cache slices the full sequence at the cache's length, which counts
     the reduced prefill; the first ``L - L'`` tokens it passes are then already in the cache. Such a call is
     recognised by its 2-D attention mask, which covers the whole sequence in original coordinates: it is as
     long as the cache plus the tokens passed, where a normal decode step's is ``L - L'`` longer.
+
+    Args:
+        kwargs: The base model's keyword arguments of this call.
+        state: The state the reduced prefill left on the cache.
+        past: The number of tokens the cache holds (``L'`` plus the decode steps so far).
 
     Returns:
         ``kwargs`` with ``input_ids`` / ``inputs_embeds`` and the per-token arguments cut to the new tokens.
@@ -270,7 +287,7 @@ def skip_cached_tokens(kwargs: dict[str, Any], state: SequenceState, cache: Any)
     if tokens is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or offset <= 0:
         return kwargs
     num_new = tokens.shape[1]
-    if mask.shape[1] != int(cache.get_seq_length()) + num_new:
+    if mask.shape[1] != past + num_new:
         return kwargs  # a decode step in original coordinates, as generate's own loop makes them
     if num_new <= offset:
         raise InvalidInputError(
