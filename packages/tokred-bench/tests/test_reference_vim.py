@@ -14,9 +14,12 @@ from tqdm import tqdm
 from tokred.bench import BenchResult, DemoReport, applicable_reducers, load_card, load_suites, reference_dir
 from tokred.bench.scenes import NUM_CLASSES, label_name, make_scenes
 from tokred.bench.suites.mamba import MambaSuite, patch_token_index
+from tokred.bench import pattern_scenes
 from tokred.bench.training.vim import (
     PATCH_CLASSES,
     TrainConfig,
+    augment,
+    aux_weight,
     build_model,
     evaluate,
     export_reference,
@@ -164,6 +167,57 @@ def test_export_writes_fp16_weights_and_a_card_that_reloads(tmp_path):
     model.load_state_dict({k: v.float() for k, v in state.items()})
     scenes = make_scenes(6, split="test")
     assert evaluate(model, scenes.images, scenes.labels) == pytest.approx(card["held_out"]["accuracy"])
+
+
+PATTERN_TINY = {**TINY, "img_size": 32}
+
+
+def test_training_on_pattern_scenes_with_augmentation_is_deterministic():
+    config = TrainConfig(
+        scenes="patterns", augment=True, aux_anneal=0.5, steps=3, batch_size=4, warmup_steps=1, val_scenes=4,
+        eval_every=0, model_overrides={**PATTERN_TINY, "drop_path_rate": 0.1},
+    )  # fmt: skip
+    first, second = train(config), train(config)
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
+    for (key, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    # Annealed: auxiliary losses at step 0, only the class-token loss from step 0.5 · 3 on.
+    assert first.history[0]["loss"] > first.history[0]["class_loss"]
+    assert first.history[2]["loss"] == first.history[2]["class_loss"]
+
+
+def test_auxiliary_weights_fall_linearly_to_zero():
+    assert [aux_weight(TrainConfig(steps=10, aux_anneal=0.5), s) for s in (0, 1, 4, 5, 9)] == pytest.approx([1, 0.8, 0.2, 0, 0])
+    assert aux_weight(TrainConfig(steps=10), 9) == 1.0
+
+
+def test_augmentation_moves_images_and_masks_together():
+    scenes = pattern_scenes.make_scenes(16, split="train", image_size=64)
+    out = augment(scenes, torch.Generator().manual_seed(0))
+    assert out.scenes == scenes.scenes and out.images.shape == scenes.images.shape
+    assert not torch.equal(out.images, scenes.images)
+    again = augment(scenes, torch.Generator().manual_seed(0))
+    assert torch.equal(out.images, again.images) and torch.equal(out.masks, again.masks)
+    for image, mask, scene in zip(out.images, out.masks[:, 0], out.scenes, strict=True):
+        reference = torch.tensor(pattern_scenes.COLORS[scene.target.color])
+        cosine = torch.nn.functional.cosine_similarity(image[:, mask].T, reference[None], dim=1)
+        assert mask.float().mean() > 0.15 and cosine.median() > 0.98  # the moved mask still covers the target
+
+
+def test_patch_labels_of_pattern_scenes_come_from_the_masks():
+    scenes = pattern_scenes.make_scenes(6, split="train", image_size=64)
+    labels = patch_labels(scenes, 8)
+    covered = scenes.patch_coverage(8)  # (B, K, P)
+    for row, scene in enumerate(scenes.scenes):
+        assert (labels[row][covered[row, 0] == 1] == scene.label).all()
+        assert (labels[row][covered[row].sum(0) == 0] == PATCH_CLASSES - 1).all()
+        for k, obj in enumerate(scene.objects[1:], 1):
+            assert (labels[row][covered[row, k] == 1] == obj.label + NUM_CLASSES).all()
+
+
+def test_an_unknown_scene_source_is_refused():
+    with pytest.raises(ValueError, match="unknown scenes 'photos'"):
+        train(TrainConfig(scenes="photos", steps=1))
 
 
 # ------------------------------------------------------------------------------------------------ the suite

@@ -40,16 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokred.bench import pattern_scenes, scenes
 from tokred.bench.reference import CARD_NAME
 from tokred.bench.reference.vim import REFERENCE_MODEL, REFERENCE_WEIGHTS
-from tokred.bench.scenes import NUM_CLASSES, SceneSet, make_scenes
+from tokred.bench.scenes import NUM_CLASSES, SceneSet
 from tokred.core.errors import InvalidInputError
 from tokred.mamba.models import create_model
 
 __all__ = [
     "PATCH_CLASSES",
+    "SCENE_SOURCES",
     "TrainConfig",
     "TrainResult",
+    "augment",
+    "aux_weight",
     "build_model",
     "evaluate",
     "export_reference",
@@ -59,6 +63,10 @@ __all__ = [
     "patch_labels",
     "train",
 ]
+
+SCENE_SOURCES: dict[str, Any] = {"shapes": scenes, "patterns": pattern_scenes}
+"""The scene generators a run can train on, by name: small shapes ([`tokred.bench.scenes`][tokred.bench.scenes])
+or large patterned objects ([`tokred.bench.pattern_scenes`][tokred.bench.pattern_scenes]); both have 24 classes."""
 
 PATCH_CLASSES = 2 * NUM_CLASSES + 1
 """Classes of the auxiliary per-patch task: the target's class, a distractor's class (``+ NUM_CLASSES``), or
@@ -105,6 +113,13 @@ class TrainConfig:
         eval_batch_size: Batch size of the validation passes.
         device: Where to train (``"cpu"``; ``"cuda"`` for quick experiments, which are not reproducible
             bit for bit on the CPU).
+        scenes: The scene generator, a key of [`SCENE_SOURCES`][tokred.bench.training.vim.SCENE_SOURCES].
+        aux_anneal: None keeps the auxiliary losses at their weights throughout; a fraction ``f`` lowers both
+            linearly to zero at step ``f · steps`` and leaves the class-token loss alone after it, so that the
+            model ends trained on its real objective.
+        augment: DeiT-style augmentation of the training images ([`augment`][tokred.bench.training.vim.augment]):
+            random resized crop, horizontal flip, random erasing. Drawn from the seed and the step, so runs stay
+            deterministic.
     """
 
     model: str = REFERENCE_MODEL
@@ -129,6 +144,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_batch_size: int = 128
     device: str = "cpu"
+    scenes: str = "shapes"
+    aux_anneal: float | None = None
+    augment: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -176,11 +194,16 @@ def patch_labels(scenes: SceneSet, patch_size: int, *, min_fraction: float = 0.2
     owning most of its pixels when that object covers at least ``min_fraction`` of it: the object's class for
     the target, its class ``+ NUM_CLASSES`` for a distractor; else background (``2 · NUM_CLASSES``).
 
+    Scenes that carry their objects' masks ([`tokred.bench.pattern_scenes`][tokred.bench.pattern_scenes]) are
+    labelled from the masks instead, which follow any augmentation applied to them.
+
     Args:
         scenes: Rendered scenes ``(B, 3, H, W)`` with their ground truth.
         patch_size: Patch side in pixels; must divide the image side.
         min_fraction: Least share of a patch an object must cover to name it.
     """
+    if getattr(scenes, "masks", None) is not None:
+        return _patch_labels_from_masks(scenes, patch_size, min_fraction)
     images = scenes.images
     batch, _, height, width = images.shape
     most = max(len(scene.objects) for scene in scenes.scenes)
@@ -203,12 +226,95 @@ def patch_labels(scenes: SceneSet, patch_size: int, *, min_fraction: float = 0.2
     return torch.where(fraction >= min_fraction, label, torch.full_like(label, PATCH_CLASSES - 1))
 
 
-def _batch(pool: SceneSet | None, step: int, batch_size: int, image_size: int) -> SceneSet:
+def _patch_labels_from_masks(scenes: Any, patch_size: int, min_fraction: float) -> torch.Tensor:
+    labels = torch.full((len(scenes), scenes.masks.shape[1]), PATCH_CLASSES - 1, dtype=torch.long)
+    for row, scene in enumerate(scenes.scenes):
+        for k, obj in enumerate(scene.objects):
+            labels[row, k] = obj.label + (0 if k == 0 else NUM_CLASSES)
+    fraction, winner = F.avg_pool2d(scenes.masks.float(), patch_size).flatten(2).max(1)  # (B, P)
+    label = labels.gather(1, winner)
+    return torch.where(fraction >= min_fraction, label, torch.full_like(label, PATCH_CLASSES - 1))
+
+
+def augment(scenes: Any, generator: torch.Generator) -> Any:
+    """DeiT-style augmentation of a batch, image by image: random resized crop, horizontal flip, random erasing.
+
+    The crop keeps 50-100% of the area at an aspect ratio of 3/4 to 4/3 and is resized back to the image size;
+    half the images are mirrored; a quarter get a rectangle of 2-20% of the area replaced by noise. Masks, where
+    the scenes carry them, are cropped and mirrored alike (erasing leaves them: the object is still there).
+
+    Args:
+        scenes: A batch with ``images`` ``(B, 3, H, W)`` (and ``masks`` ``(B, K, H, W)``, optional).
+        generator: The source of every random draw.
+
+    Returns:
+        A batch of the same type with new images (and masks); the ground truth is unchanged.
+    """
+    images = scenes.images
+    masks = getattr(scenes, "masks", None)
+    size = images.shape[-1]
+    out_images, out_masks = images.clone(), None if masks is None else masks.clone()
+
+    def draw(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    for row in range(images.shape[0]):
+        area = draw(0.5, 1.0) * size * size
+        ratio = math.exp(draw(math.log(3 / 4), math.log(4 / 3)))
+        width = min(size, round(math.sqrt(area * ratio)))
+        height = min(size, round(math.sqrt(area / ratio)))
+        top = int(torch.randint(size - height + 1, (), generator=generator))
+        left = int(torch.randint(size - width + 1, (), generator=generator))
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+
+        box = (top, left, height, width)
+        out_images[row] = _crop_resize(images[row], box, flip, "bilinear")
+        if out_masks is not None:
+            out_masks[row] = _crop_resize(masks[row], box, flip, "nearest") > 0.5
+        if torch.rand((), generator=generator) < 0.25:
+            erase = draw(0.02, 0.2) * size * size
+            aspect = math.exp(draw(math.log(0.3), math.log(3.3)))
+            eh, ew = min(size, round(math.sqrt(erase * aspect))), min(size, round(math.sqrt(erase / aspect)))
+            y0 = int(torch.randint(size - eh + 1, (), generator=generator))
+            x0 = int(torch.randint(size - ew + 1, (), generator=generator))
+            out_images[row, :, y0 : y0 + eh, x0 : x0 + ew] = torch.rand((3, eh, ew), generator=generator)
+    if out_masks is None:
+        return type(scenes)(out_images, scenes.scenes)
+    return type(scenes)(out_images, out_masks, scenes.scenes)
+
+
+def _crop_resize(t: torch.Tensor, box: tuple[int, int, int, int], flip: bool, mode: str) -> torch.Tensor:
+    """``t`` ``(K, H, W)`` cut to ``box`` (top, left, height, width), resized back to ``(H, W)``, maybe mirrored."""
+    top, left, height, width = box
+    part = t[None, :, top : top + height, left : left + width].float()
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    part = F.interpolate(part, size=t.shape[-2:], mode=mode, **options)[0]
+    return part.flip(-1) if flip else part
+
+
+def _batch(pool: Any, step: int, config: TrainConfig, image_size: int) -> Any:
     """The scenes of optimiser step ``step``: fresh from the stream, or the next slice of a cycled pool."""
+    batch_size = config.batch_size
     if pool is None:
-        return make_scenes(batch_size, split="train", start=step * batch_size, image_size=image_size)
-    index = torch.arange(step * batch_size, (step + 1) * batch_size) % len(pool)
-    return SceneSet(pool.images[index], tuple(pool.scenes[i] for i in index.tolist()))
+        batch = SCENE_SOURCES[config.scenes].make_scenes(
+            batch_size, split="train", start=step * batch_size, image_size=image_size
+        )
+    else:
+        index = torch.arange(step * batch_size, (step + 1) * batch_size) % len(pool)
+        masks = getattr(pool, "masks", None)
+        fields = (pool.images[index],) + (() if masks is None else (masks[index],))
+        batch = type(pool)(*fields, tuple(pool.scenes[i] for i in index.tolist()))
+    if config.augment:
+        batch = augment(batch, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+    return batch
+
+
+def aux_weight(config: TrainConfig, step: int) -> float:
+    """The factor on the auxiliary losses at optimiser step ``step`` (0-based), 1 unless ``aux_anneal`` is set."""
+    if config.aux_anneal is None:
+        return 1.0
+    end = config.aux_anneal * config.steps
+    return max(0.0, 1.0 - step / end) if end > 0 else 0.0
 
 
 def _all_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -313,6 +419,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
 def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     if config.steps < 1 or config.batch_size < 1:
         raise InvalidInputError(f"steps and batch_size must be positive; got {config.steps} and {config.batch_size}")
+    if config.scenes not in SCENE_SOURCES:
+        raise InvalidInputError(f"unknown scenes {config.scenes!r}; expected one of {sorted(SCENE_SOURCES)}")
+    source = SCENE_SOURCES[config.scenes]
     start = time.perf_counter()
     device = torch.device(config.device)
     model = build_model(config).to(device).train()
@@ -325,7 +434,7 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
         groups[1]["params"].append(patch_head.bias)
         patch_index = torch.tensor([p if p < model.cls_index else p + 1 for p in range(model.num_patches)])
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-    val = make_scenes(config.val_scenes, split="validation", image_size=size)
+    val = source.make_scenes(config.val_scenes, split="validation", image_size=size)
     shift, scale = config.input_shift, config.input_scale
     val_images, val_labels = ((val.images - shift) / scale).to(device), val.labels.to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -333,29 +442,33 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
 
     history: list[dict[str, float]] = []
     best = (-1.0, 0, None)  # (accuracy, step, state dict)
-    pool = None if config.train_scenes is None else make_scenes(config.train_scenes, split="train", image_size=size)
+    pool = None
+    if config.train_scenes is not None:
+        pool = source.make_scenes(config.train_scenes, split="train", image_size=size)
     for step in range(config.steps):
-        batch = _batch(pool, step, config.batch_size, size)
+        batch = _batch(pool, step, config, size)
+        aux = aux_weight(config, step)
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = ((batch.images - shift) / scale).to(device)
-        if patch_head is None and config.token_loss_weight == 0:
+        token_weight, patch_weight = aux * config.token_loss_weight, aux * config.patch_loss_weight
+        if patch_weight == 0 and token_weight == 0:
             logits = model(images)
         else:
             tokens = _all_tokens(model, images)
             logits = model.forward_head(tokens[:, model.cls_index])
         class_loss = F.cross_entropy(logits, batch.labels.to(device), label_smoothing=config.label_smoothing)
         loss = class_loss
-        if config.token_loss_weight > 0:
+        if token_weight > 0:
             every = model.forward_head(tokens).flatten(0, 1)  # (B·L, C)
             labels = batch.labels.to(device).repeat_interleave(tokens.shape[1])
-            loss = loss + config.token_loss_weight * F.cross_entropy(every, labels)
-        if patch_head is not None:
+            loss = loss + token_weight * F.cross_entropy(every, labels)
+        if patch_head is not None and patch_weight > 0:
             targets = patch_labels(batch, model.patch_size).to(device)
             patch_logits = patch_head(tokens[:, patch_index.to(device)])
             patch_loss = F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten())
-            loss = loss + config.patch_loss_weight * patch_loss
+            loss = loss + patch_weight * patch_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -386,6 +499,15 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
         wall_time_s=time.perf_counter() - start,
         threads=torch.get_num_threads(),
     )
+
+
+_TASKS = {
+    "shapes": "classify the large target object of a procedural scene (tokred.bench.scenes): shape x colour, "
+    "24 classes, {size} px images in [0, 1], 1 to 4 small distractors",
+    "patterns": "classify the large target object of a pattern scene (tokred.bench.pattern_scenes): colour x "
+    "pattern, 24 classes, {size} px images in [0, 1], the target covering 30-60% of the image, 0 to 2 smaller "
+    "objects and grey patterned clutter",
+}
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
@@ -433,7 +555,7 @@ def export_reference(
     loaded = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict({key: value.float() for key, value in loaded.items()}, strict=True)
     model.eval()
-    scenes = make_scenes(held_out, split="test", image_size=model.img_size)
+    scenes = SCENE_SOURCES[config.scenes].make_scenes(held_out, split="test", image_size=model.img_size)
     with torch.no_grad():
         predicted = torch.cat(
             [model(scenes.images[i : i + batch_size]).argmax(-1) for i in range(0, held_out, batch_size)]
@@ -450,8 +572,7 @@ def export_reference(
             "bytes": weights.stat().st_size,
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         },
-        "task": "classify the large target object of a procedural scene (tokred.bench.scenes): shape x colour, "
-        "24 classes, 64 px images in [0, 1], 1 to 4 small distractors",
+        "task": _TASKS[config.scenes].format(size=model.img_size),
         "held_out": {"split": "test", "scenes": held_out, "accuracy": int(correct.sum()) / held_out},
         "held_out_small": {"split": "test", "scenes": small, "accuracy": int(correct[:small].sum()) / small},
         "validation": {
