@@ -45,7 +45,7 @@ def test_the_target_covers_30_to_60_percent_and_the_others_are_small(scenes):
     coverage = scenes.coverage  # (B, K)
     counts = torch.tensor([len(s.objects) for s in scenes.scenes])
     assert counts.min() == 1 and counts.max() == MAX_OBJECTS
-    assert 0.28 <= coverage[:, 0].min() and coverage[:, 0].max() <= 0.65
+    assert coverage[:, 0].min() >= 0.28 and coverage[:, 0].max() <= 0.65
     assert 0.40 <= coverage[:, 0].mean() <= 0.50
     others = coverage[:, 1:][torch.arange(1, MAX_OBJECTS) < counts[:, None]]
     assert others.max() <= 0.11 and (others > 0).all()

@@ -11,10 +11,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tokred.bench import BenchResult, DemoReport, applicable_reducers, load_card, load_suites, reference_dir
+from tokred.bench import (
+    BenchResult,
+    DemoReport,
+    applicable_reducers,
+    load_card,
+    load_suites,
+    pattern_scenes,
+    reference_dir,
+)
 from tokred.bench.scenes import NUM_CLASSES, label_name, make_scenes
 from tokred.bench.suites.mamba import MambaSuite, patch_token_index
-from tokred.bench import pattern_scenes
 from tokred.bench.training.vim import (
     PATCH_CLASSES,
     TrainConfig,
@@ -187,7 +194,9 @@ def test_training_on_pattern_scenes_with_augmentation_is_deterministic():
 
 
 def test_auxiliary_weights_fall_linearly_to_zero():
-    assert [aux_weight(TrainConfig(steps=10, aux_anneal=0.5), s) for s in (0, 1, 4, 5, 9)] == pytest.approx([1, 0.8, 0.2, 0, 0])
+    assert [aux_weight(TrainConfig(steps=10, aux_anneal=0.5), s) for s in (0, 1, 4, 5, 9)] == pytest.approx(
+        [1, 0.8, 0.2, 0, 0]
+    )
     assert aux_weight(TrainConfig(steps=10), 9) == 1.0
 
 
