@@ -164,12 +164,17 @@ def test_patch_labels_name_target_distractors_and_background():
 def test_export_writes_fp16_weights_and_a_card_that_reloads(tmp_path):
     config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, val_scenes=4, eval_every=0, model_overrides=TINY)
     result = train(config)
-    weights, card_path = export_reference(result, tmp_path, command="pytest", held_out=6, small_held_out=3)
+    weights, card_path = export_reference(
+        result, tmp_path, command="pytest", held_out=6, small_held_out=3, probe_scenes=(30, 10)
+    )
     card = json.loads(card_path.read_text())
     state = torch.load(weights, weights_only=True)
     assert all(t.dtype == torch.float16 for t in state.values())
     assert card["held_out"]["scenes"] == 6 and card["held_out_small"]["scenes"] == 3
     assert card["config"]["depth"] == 2 and card["training"]["command"] == "pytest"
+    probe = card["diagnostics"]["probe"]
+    assert len(probe["accuracy_after_block"]) == 2 and probe["train_scenes"] == 30
+    assert set(card["diagnostics"]["accuracy_by"]) == {"color", "shape", "objects"}
     model = create_model("vim_scenes", **TINY)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     scenes = make_scenes(6, split="test")
@@ -222,6 +227,27 @@ def test_patch_labels_of_pattern_scenes_come_from_the_masks():
         assert (labels[row][covered[row].sum(0) == 0] == PATCH_CLASSES - 1).all()
         for k, obj in enumerate(scene.objects[1:], 1):
             assert (labels[row][covered[row, k] == 1] == obj.label + NUM_CLASSES).all()
+
+
+def test_the_card_of_a_pattern_model_counts_the_targets_patches(tmp_path):
+    config = TrainConfig(
+        scenes="patterns", steps=1, batch_size=2, warmup_steps=1, val_scenes=4, eval_every=0,
+        model_overrides=PATTERN_TINY,
+    )  # fmt: skip
+    _, card_path = export_reference(
+        train(config), tmp_path, command="pytest", held_out=8, small_held_out=4, probe_scenes=(30, 10)
+    )
+    diagnostics = json.loads(card_path.read_text())["diagnostics"]
+    held_out = pattern_scenes.make_scenes(8, split="test", image_size=32)
+    half = (held_out.patch_coverage(8)[:, 0] >= 0.5).sum(-1)
+    assert diagnostics["target_patches"] == {
+        "what": "patches of 8 px the target covers at least half of",
+        "of": 16,
+        "mean": round(float(half.float().mean()), 1),
+        "min": int(half.min()),
+        "max": int(half.max()),
+    }
+    assert set(diagnostics["accuracy_by"]) == {"color", "pattern", "objects"}
 
 
 def test_an_unknown_scene_source_is_refused():

@@ -44,6 +44,7 @@ from tokred.bench import pattern_scenes, scenes
 from tokred.bench.reference import CARD_NAME
 from tokred.bench.reference.vim import REFERENCE_MODEL, REFERENCE_WEIGHTS
 from tokred.bench.scenes import NUM_CLASSES, SceneSet
+from tokred.bench.training.probes import linear_probe_accuracy, vim_block_features
 from tokred.core.errors import InvalidInputError
 from tokred.mamba.models import create_model
 
@@ -55,6 +56,7 @@ __all__ = [
     "augment",
     "aux_weight",
     "build_model",
+    "diagnose",
     "evaluate",
     "export_reference",
     "fold_input_norm",
@@ -501,6 +503,80 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     )
 
 
+@torch.no_grad()
+def diagnose(
+    model: nn.Module,
+    source: str,
+    held_out: Any,
+    predicted: torch.Tensor,
+    *,
+    probe_train: int = 2000,
+    probe_eval: int = 500,
+    batch_size: int = 100,
+) -> dict[str, Any]:
+    """What a model card records about a trained model before any reducer is measured.
+
+    * ``probe``: the accuracy of a linear probe on the class token after each block
+      ([`linear_probe_accuracy`][tokred.bench.training.probes.linear_probe_accuracy]), fitted on ``train`` scenes
+      and measured on ``validation`` scenes: where the label forms.
+    * ``target_patches`` (pattern scenes): how many patches the target covers at least half of, over the
+      held-out scenes: how spread the evidence is.
+    * ``accuracy_by``: held-out accuracy per colour and per pattern (or shape) of the target, and per number of
+      objects in the scene.
+
+    Args:
+        model: The trained model, eval mode, no reduction.
+        source: The key of [`SCENE_SOURCES`][tokred.bench.training.vim.SCENE_SOURCES] it was trained on.
+        held_out: The held-out ``test`` scenes.
+        predicted: The model's predictions on them ``(B,)``.
+        probe_train: ``train`` scenes the probes are fitted on.
+        probe_eval: ``validation`` scenes they are measured on.
+        batch_size: Images per forward pass.
+    """
+    generator = SCENE_SOURCES[source]
+    size = model.img_size
+    fit = generator.make_scenes(probe_train, split="train", image_size=size)
+    check = generator.make_scenes(probe_eval, split="validation", image_size=size)
+    fit_features = vim_block_features(model, fit.images, batch_size=batch_size)
+    check_features = vim_block_features(model, check.images, batch_size=batch_size)
+    probe = [
+        round(linear_probe_accuracy(a, fit.labels, b, check.labels, classes=NUM_CLASSES), 3)
+        for a, b in zip(fit_features, check_features, strict=True)
+    ]
+    correct = (predicted == held_out.labels).float()
+    kind = "pattern" if source == "patterns" else "shape"
+
+    def accuracy_by(key: Any) -> dict[str, float]:
+        groups: dict[str, list[float]] = {}
+        for scene, right in zip(held_out.scenes, correct.tolist(), strict=True):
+            groups.setdefault(str(key(scene)), []).append(right)
+        return {name: round(fmean(values), 3) for name, values in sorted(groups.items())}
+
+    out: dict[str, Any] = {
+        "probe": {
+            "what": "linear probe on the class token after each block (train scenes fitted, validation measured)",
+            "train_scenes": probe_train,
+            "eval_scenes": probe_eval,
+            "accuracy_after_block": probe,
+        },
+        "accuracy_by": {
+            "color": accuracy_by(lambda scene: scene.target.color),
+            kind: accuracy_by(lambda scene: getattr(scene.target, kind)),
+            "objects": accuracy_by(lambda scene: len(scene.objects)),
+        },
+    }
+    if hasattr(held_out, "patch_coverage"):
+        half = (held_out.patch_coverage(model.patch_size)[:, 0] >= 0.5).sum(-1).float()
+        out["target_patches"] = {
+            "what": f"patches of {model.patch_size} px the target covers at least half of",
+            "of": model.num_patches,
+            "mean": round(float(half.mean()), 1),
+            "min": int(half.min()),
+            "max": int(half.max()),
+        }
+    return out
+
+
 _TASKS = {
     "shapes": "classify the large target object of a procedural scene (tokred.bench.scenes): shape x colour, "
     "24 classes, {size} px images in [0, 1], 1 to 4 small distractors",
@@ -526,6 +602,7 @@ def export_reference(
     held_out: int = 1000,
     small_held_out: int = 200,
     batch_size: int = 100,
+    probe_scenes: tuple[int, int] = (2000, 500),
 ) -> tuple[Path, Path]:
     """Write the trained weights in fp16 and their card (JSON) into ``out_dir``.
 
@@ -540,6 +617,8 @@ def export_reference(
         held_out: Held-out ``test`` scenes to measure accuracy on.
         small_held_out: The smaller prefix of them whose accuracy is recorded too.
         batch_size: Batch size of the evaluation.
+        probe_scenes: ``train`` and ``validation`` scenes of the linear probes
+            ([`diagnose`][tokred.bench.training.vim.diagnose]).
 
     Returns:
         The paths of the weights and of the card.
@@ -575,6 +654,15 @@ def export_reference(
         "task": _TASKS[config.scenes].format(size=model.img_size),
         "held_out": {"split": "test", "scenes": held_out, "accuracy": int(correct.sum()) / held_out},
         "held_out_small": {"split": "test", "scenes": small, "accuracy": int(correct[:small].sum()) / small},
+        "diagnostics": diagnose(
+            model,
+            config.scenes,
+            scenes,
+            predicted,
+            probe_train=probe_scenes[0],
+            probe_eval=probe_scenes[1],
+            batch_size=batch_size,
+        ),
         "validation": {
             "split": "validation",
             "scenes": config.val_scenes,
