@@ -359,6 +359,86 @@ def test_chunked_autograd_path_works_under_torch_func_grad():
         assert_close_scaled(ours, expected, 1e-12)
 
 
+@pytest.mark.parametrize(
+    ("shape", "chunk_size", "block"),
+    [
+        ((5, 3, 23, 4), 3, 1),  # one row per backward block, 8 chunks, the last one shorter (2 steps)
+        ((5, 4, 23, 3), 5, 2 * 5 * 3 * 4),  # uneven row blocks (2, 2, 1), 5 chunks of 5, 4, 5, 5, 4 steps
+        ((3, 2, 7, 2), 20, 1),  # L < T: a single chunk
+        ((1, 3, 1, 2), 4, 1),  # L = 1
+        ((2, 3, 12, 2), 1, 1),  # T = 1: every step its own chunk
+    ],
+)
+@pytest.mark.parametrize("present", [True, False])
+def test_chunked_backward_blocks_and_chunks_carry_the_adjoint_state(monkeypatch, shape, chunk_size, block, present):
+    # The backward walks chunks last to first and rows in blocks: every boundary must carry the adjoint.
+    monkeypatch.setattr(chunked_module, "_BACKWARD_BLOCK_ELEMENTS", block)
+    x = make_inputs(*shape, dtype=torch.float64, seed=sum(shape) + chunk_size)
+    if not present:
+        x["D"] = x["z"] = x["delta_bias"] = None
+    weights = torch.randn(*shape[:3], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ours = gradients(selective_scan_chunked, x, weights, delta_softplus=present, chunk_size=chunk_size)
+    expected = gradients(selective_scan_reference, x, weights, delta_softplus=present)
+    assert set(ours) == set(expected)
+    for name in expected:
+        assert ours[name].shape == x[name].shape, name
+        assert_close_scaled(ours[name], expected[name], 1e-12)
+
+
+def test_chunked_backward_in_float32_at_vim_length():
+    # Vim's L = 197 with the default chunking (10 chunks, the last of 17 steps), fp32 against the reference.
+    x = make_inputs(3, 16, 197, 16, seed=21)
+    weights = torch.randn(3, 16, 197, generator=torch.Generator().manual_seed(4))
+    ours = gradients(selective_scan_chunked, x, weights, delta_softplus=True)
+    expected = gradients(selective_scan_reference, x, weights, delta_softplus=True)
+    for name in expected:
+        assert ours[name].dtype == torch.float32
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5 * expected[name].abs().max())
+
+
+@pytest.mark.parametrize("names", [("B", "C"), ("u", "z"), ("A", "D"), ("delta", "delta_bias")])
+def test_chunked_backward_with_some_inputs_requiring_grad(names):
+    x = make_inputs(2, 3, 25, 4, dtype=torch.float64, seed=12)
+    weights = torch.randn(2, 3, 25, dtype=torch.float64)
+    grads = []
+    for scan in (selective_scan_chunked, selective_scan_reference):
+        leaves = {k: x[k].clone().requires_grad_() for k in names}
+        (
+            scan(
+                **{**x, **leaves}, delta_softplus=True, **({"chunk_size": 4} if scan is selective_scan_chunked else {})
+            )
+            * weights
+        ).sum().backward()
+        grads.append([leaves[k].grad for k in names])
+    for ours, expected in zip(*grads, strict=True):
+        assert_close_scaled(ours, expected, 1e-12)
+
+
+def test_chunked_backward_survives_decays_that_underflow():
+    # Large |A| Δ: the decays are floored at the smallest normal float, and the gradients stay those of the
+    # reference (which takes the denormals) to fp32 resolution.
+    x = make_inputs(2, 4, 30, 8, seed=14, a_scale=300.0)
+    weights = torch.randn(2, 4, 30, generator=torch.Generator().manual_seed(5))
+    ours = gradients(selective_scan_chunked, x, weights, delta_softplus=True, chunk_size=7)
+    expected = gradients(selective_scan_reference, x, weights, delta_softplus=True)
+    for name in expected:
+        assert torch.isfinite(ours[name]).all(), name
+        assert_close_scaled(ours[name], expected[name], 1e-5)
+
+
+def test_chunked_backward_is_deterministic_and_independent_of_later_calls():
+    # Scratch memory is reused between calls: a backward must not see what a later forward left there.
+    first, second = make_inputs(3, 5, 40, 4, seed=15), make_inputs(2, 7, 33, 6, seed=16)
+    leaves = [{k: v.clone().requires_grad_() for k, v in inputs.items()} for inputs in (first, second, first)]
+    outs = [selective_scan_chunked(**leaf, delta_softplus=True) for leaf in leaves]
+    for out in reversed(outs):
+        out.square().sum().backward()
+    expected = gradients(selective_scan_reference, first, 2 * outs[0].detach(), delta_softplus=True)
+    for name in first:
+        assert torch.equal(leaves[0][name].grad, leaves[2][name].grad), name
+        assert_close_scaled(leaves[0][name].grad, expected[name], 2e-6)
+
+
 def test_chunked_on_cpu_with_grad_runs_the_hand_written_backward():
     x = make_inputs(2, 4, 30, 3, seed=8)
     u = x.pop("u").requires_grad_()
