@@ -49,9 +49,10 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
 from tokred.bench.measure import time_call
+from tokred.bench.speed import IMAGE_TOKEN, llava_7b_config
 from tokred.vlm import ApET, Attachment, PrefillStats, attach, paper_schedule
 from tokred.vlm.flops import decoder_layer_flops
 
@@ -59,38 +60,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_DEPTH = 32  # decoder layers of LLaMA-7B / Vicuna-7B, for the 7B-scale extrapolation
 TARGET_SPEEDUP = 0.85  # measured decoder speed-up at the smallest budget, as a fraction of the token-count ideal
 TARGET_COST = 0.01  # ApET's own time as a fraction of a 7B-scale prefill
-IMAGE_TOKEN = 32000  # llava-hf/llava-1.5-7b-hf: image token 32000 in a 32064-entry vocabulary
 SEGMENTS = ("vision", "reduce", "projector", "drop", "decoder")
 
 
 def build_config(quick: bool, layers: int, attn: str) -> LlavaConfig:
     """LLaVA-1.5-7B's shapes (``--quick``: the same 576 tokens at tiny widths)."""
-    if quick:
-        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-        text = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
-    else:  # openai/clip-vit-large-patch14-336, lmsys/vicuna-7b-v1.5
-        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
-        text = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32}
-    vision_config = CLIPVisionConfig(
-        **vision, image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5
-    )
-    text_config = LlamaConfig(
-        **text,
-        num_hidden_layers=layers,
-        num_key_value_heads=text["num_attention_heads"],
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=576,
-    )
+    config = llava_7b_config(decoder_layers=layers, tiny_widths=quick)
     config._attn_implementation = attn
     return config
 

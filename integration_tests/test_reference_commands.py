@@ -7,6 +7,7 @@ from tokred.core.cli import main
 
 def test_demo_runs_both_reference_models_and_draws_their_plans(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--no-progress", "--limit", "16", "--scenes", "2", "--eval-scenes", "16"]
+    argv.append("--no-speed")  # the README's demo, which CI runs, measures the speed-ups
     assert main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -17,17 +18,21 @@ def test_demo_runs_both_reference_models_and_draws_their_plans(tmp_path, capsys)
         "mamba-mtr.png",
         "mamba-scene-0.png",
         "mamba-scene-1.png",
+        "mamba-uniform.png",
         "vlm-apet.png",
+        "vlm-divprune.png",
         "vlm-scene-0.png",
         "vlm-scene-1.png",
     ]
-    for name in ("mamba-mtr.png", "vlm-apet.png"):
+    assert "speed (" not in out
+    for name in ("mamba-mtr.png", "mamba-uniform.png", "vlm-apet.png", "vlm-divprune.png"):
         assert f"picture: {tmp_path / name}" in out
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "demo.json").read_text())
     assert [set(r) for r in record["vlm"]] == [{"image", "question", "truth", "dense", "reduced"}] * 2
     assert [set(r) for r in record["mamba"]] == [{"image", "truth", "dense", "reduced"}] * 2
-    assert record["vlm"][0]["image"] == "vlm-scene-0.png" and set(record["mamba"][1]["reduced"]) == {"mtr"}
+    assert record["vlm"][0]["image"] == "vlm-scene-0.png" and set(record["vlm"][0]["reduced"]) == {"apet", "divprune"}
+    assert set(record["mamba"][1]["reduced"]) == {"mtr", "uniform"}
 
 
 def test_bench_quick_measures_every_suite(tmp_path, capsys):

@@ -230,3 +230,17 @@ def test_write_suite_report_returns_the_files(tmp_path):
 def test_suite_interface_is_abstract():
     with pytest.raises(TypeError):
         ReferenceSuite()
+
+
+def test_timing_warnings_flag_a_wide_spread_and_an_outlier():
+    from tokred.bench.measure import timing_warnings
+
+    def row(method, time_ms, spread, budget="11% tokens"):
+        return BenchResult("vlm", method, budget, 0.11, 0.5, 1.0, 1.0, time_ms, spread, 1.0, 10.0, 8)
+
+    steady = [row("dense", 10.0, 1.0, "dense"), row("a", 5.0, 0.5), row("b", 5.5, 0.4), row("c", 6.0, 0.3)]
+    assert timing_warnings(steady) == []
+    (wide,) = timing_warnings([*steady[:3], row("c", 6.0, 1.5)])
+    assert wide.startswith("c at 11% tokens: time 6 ms ± 1.5 ms, a spread of 25% (above 20%)")
+    (outlier,) = timing_warnings([*steady[:3], row("c", 40.0, 1.0)])
+    assert outlier.startswith("c at 11% tokens: time 40 ms against a median of 5.5 ms") and "outlier" in outlier

@@ -11,11 +11,11 @@ from tokred.mamba import attach, create_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("vim_scenes", embed_dim=16, depth=3, d_state=4).eval()
+    return create_model("vim_scenes", img_size=32, embed_dim=16, depth=3, d_state=4).eval()
 
 
 def test_the_last_block_features_are_the_models_own(model):
-    images = torch.rand(5, 3, 64, 64)
+    images = torch.rand(5, 3, 32, 32)
     features = vim_block_features(model, images, batch_size=2)
     assert features.shape == (3, 5, 16)
     torch.testing.assert_close(features[-1], model.forward_features(images), rtol=1e-5, atol=1e-6)
@@ -24,7 +24,7 @@ def test_the_last_block_features_are_the_models_own(model):
 
 def test_a_model_with_a_reduction_is_refused(model):
     with attach(model, "mtr", r=4), pytest.raises(InvalidInputError, match="detach the token reduction"):
-        vim_block_features(model, torch.rand(1, 3, 64, 64))
+        vim_block_features(model, torch.rand(1, 3, 32, 32))
 
 
 def test_the_probe_reads_a_linear_label_and_not_noise():

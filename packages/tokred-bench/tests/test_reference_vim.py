@@ -17,10 +17,9 @@ from tokred.bench import (
     applicable_reducers,
     load_card,
     load_suites,
-    pattern_scenes,
     reference_dir,
 )
-from tokred.bench.scenes import NUM_CLASSES, label_name, make_scenes
+from tokred.bench.scenes import COLORS, NUM_CLASSES, label_name, make_scenes
 from tokred.bench.suites.mamba import MambaSuite, patch_token_index
 from tokred.bench.training.vim import (
     PATCH_CLASSES,
@@ -119,7 +118,7 @@ def test_the_cli_answers_as_the_model_does_in_python(model, tmp_path, capsys):
     assert answers == expected, "the PNG through the CLI must be prepared as the model was trained"
 
 
-TINY = {"embed_dim": 16, "depth": 2, "d_state": 4}
+TINY = {"embed_dim": 16, "depth": 2, "d_state": 4, "img_size": 32}
 
 
 def test_training_is_deterministic():
@@ -147,20 +146,6 @@ def test_training_lowers_the_loss():
     assert result.threads == 1
 
 
-def test_patch_labels_name_target_distractors_and_background():
-    scenes = make_scenes(3, split="train")
-    labels = patch_labels(scenes, 8)
-    assert labels.shape == (3, 64)
-    assert int(labels.min()) >= 0 and int(labels.max()) == PATCH_CLASSES - 1
-    for row, scene in enumerate(scenes.scenes):
-        present = set(labels[row].tolist())
-        assert scene.label in present  # the large target covers patches
-        assert present <= {scene.label, PATCH_CLASSES - 1} | {o.label + NUM_CLASSES for o in scene.objects[1:]}
-        cx, cy = scene.target.center
-        if scene.target.shape != "cross":  # a cross's centre patch is solid; so are the others'
-            assert labels[row, int(cy // 8) * 8 + int(cx // 8)] == scene.label
-
-
 def test_export_writes_fp16_weights_and_a_card_that_reloads(tmp_path):
     config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, val_scenes=4, eval_every=0, model_overrides=TINY)
     result = train(config)
@@ -174,20 +159,17 @@ def test_export_writes_fp16_weights_and_a_card_that_reloads(tmp_path):
     assert card["config"]["depth"] == 2 and card["training"]["command"] == "pytest"
     probe = card["diagnostics"]["probe"]
     assert len(probe["accuracy_after_block"]) == 2 and probe["train_scenes"] == 30
-    assert set(card["diagnostics"]["accuracy_by"]) == {"color", "shape", "objects"}
+    assert set(card["diagnostics"]["accuracy_by"]) == {"color", "pattern", "objects"}
     model = create_model("vim_scenes", **TINY)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    scenes = make_scenes(6, split="test")
+    scenes = make_scenes(6, split="test", image_size=32)
     assert evaluate(model, scenes.images, scenes.labels) == pytest.approx(card["held_out"]["accuracy"])
-
-
-PATTERN_TINY = {**TINY, "img_size": 32}
 
 
 def test_training_on_pattern_scenes_with_augmentation_is_deterministic():
     config = TrainConfig(
-        scenes="patterns", augment=True, aux_anneal=0.5, steps=3, batch_size=4, warmup_steps=1, val_scenes=4,
-        eval_every=0, model_overrides={**PATTERN_TINY, "drop_path_rate": 0.1},
+        augment=True, aux_anneal=0.5, steps=3, batch_size=4, warmup_steps=1, val_scenes=4,
+        eval_every=0, model_overrides={**TINY, "drop_path_rate": 0.1},
     )  # fmt: skip
     first, second = train(config), train(config)
     assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
@@ -202,24 +184,24 @@ def test_auxiliary_weights_fall_linearly_to_zero():
     assert [aux_weight(TrainConfig(steps=10, aux_anneal=0.5), s) for s in (0, 1, 4, 5, 9)] == pytest.approx(
         [1, 0.8, 0.2, 0, 0]
     )
-    assert aux_weight(TrainConfig(steps=10), 9) == 1.0
+    assert aux_weight(TrainConfig(steps=10, aux_anneal=None), 9) == 1.0
 
 
 def test_augmentation_moves_images_and_masks_together():
-    scenes = pattern_scenes.make_scenes(16, split="train", image_size=64)
+    scenes = make_scenes(16, split="train", image_size=64)
     out = augment(scenes, torch.Generator().manual_seed(0))
     assert out.scenes == scenes.scenes and out.images.shape == scenes.images.shape
     assert not torch.equal(out.images, scenes.images)
     again = augment(scenes, torch.Generator().manual_seed(0))
     assert torch.equal(out.images, again.images) and torch.equal(out.masks, again.masks)
     for image, mask, scene in zip(out.images, out.masks[:, 0], out.scenes, strict=True):
-        reference = torch.tensor(pattern_scenes.COLORS[scene.target.color])
+        reference = torch.tensor(COLORS[scene.target.color])
         cosine = torch.nn.functional.cosine_similarity(image[:, mask].T, reference[None], dim=1)
         assert mask.float().mean() > 0.15 and cosine.median() > 0.98  # the moved mask still covers the target
 
 
 def test_patch_labels_of_pattern_scenes_come_from_the_masks():
-    scenes = pattern_scenes.make_scenes(6, split="train", image_size=64)
+    scenes = make_scenes(6, split="train", image_size=64)
     labels = patch_labels(scenes, 8)
     covered = scenes.patch_coverage(8)  # (B, K, P)
     for row, scene in enumerate(scenes.scenes):
@@ -231,14 +213,14 @@ def test_patch_labels_of_pattern_scenes_come_from_the_masks():
 
 def test_the_card_of_a_pattern_model_counts_the_targets_patches(tmp_path):
     config = TrainConfig(
-        scenes="patterns", steps=1, batch_size=2, warmup_steps=1, val_scenes=4, eval_every=0,
-        model_overrides=PATTERN_TINY,
+        steps=1, batch_size=2, warmup_steps=1, val_scenes=4, eval_every=0,
+        model_overrides=TINY,
     )  # fmt: skip
     _, card_path = export_reference(
         train(config), tmp_path, command="pytest", held_out=8, small_held_out=4, probe_scenes=(30, 10)
     )
     diagnostics = json.loads(card_path.read_text())["diagnostics"]
-    held_out = pattern_scenes.make_scenes(8, split="test", image_size=32)
+    held_out = make_scenes(8, split="test", image_size=32)
     half = (held_out.patch_coverage(8)[:, 0] >= 0.5).sum(-1)
     assert diagnostics["target_patches"] == {
         "what": "patches of 8 px the target covers at least half of",
@@ -248,11 +230,6 @@ def test_the_card_of_a_pattern_model_counts_the_targets_patches(tmp_path):
         "max": int(half.max()),
     }
     assert set(diagnostics["accuracy_by"]) == {"color", "pattern", "objects"}
-
-
-def test_an_unknown_scene_source_is_refused():
-    with pytest.raises(ValueError, match="unknown scenes 'photos'"):
-        train(TrainConfig(scenes="photos", steps=1))
 
 
 # ------------------------------------------------------------------------------------------------ the suite
@@ -273,7 +250,7 @@ def test_bench_rows_are_well_formed(model):
     assert all(isinstance(r, BenchResult) for r in results)
     dense, reduced = results[0], results[1:]
     assert dense.method == "dense" and dense.retained == 1.0 and dense.budget_value == 0.0
-    assert dense.tokens == model.num_tokens == 65 and dense.examples == 12
+    assert dense.tokens == model.num_tokens == 197 and dense.examples == 12
     assert dense.gflops == pytest.approx(count_flops(model, schedule={}) / 1e9)
     assert {r.method for r in reduced} == set(reducers) >= {"mtr", "topvim", "utr", "random", "tome"}
     for row in reduced:
@@ -326,12 +303,12 @@ def test_demo_writes_pictures_inputs_records_and_a_table(model, tmp_path):
     first = report.records[0]
     assert set(first["reduced"]) == {"mtr", "tome"}
     with Image.open(tmp_path / first["image"]) as saved:
-        pixels = torch.frombuffer(bytearray(saved.convert("RGB").tobytes()), dtype=torch.uint8).view(64, 64, 3)
+        pixels = torch.frombuffer(bytearray(saved.convert("RGB").tobytes()), dtype=torch.uint8).view(112, 112, 3)
     scene = make_scenes(1, split="test").images[0]
     assert torch.equal(pixels.permute(2, 0, 1), (scene * 255).round().to(torch.uint8)), "the input image, as is"
 
 
 def test_patch_token_index_skips_the_middle_class_token(model):
     index = patch_token_index(model)
-    assert len(index) == 64 and model.cls_index not in index
+    assert len(index) == 196 and model.cls_index not in index
     assert index[model.cls_index - 1] == model.cls_index - 1 and index[model.cls_index] == model.cls_index + 1

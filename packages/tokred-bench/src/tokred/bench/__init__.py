@@ -1,10 +1,11 @@
-"""tokred-bench: procedural scenes, two small reference models, ``tokred bench`` and ``tokred demo``.
+"""tokred-bench: pattern scenes, two small reference models, ``tokred bench`` and ``tokred demo``.
 
 Everything that measures and shows lives here, apart from the runtime packages: the scenes the reference models
 are trained and measured on ([`tokred.bench.scenes`][tokred.bench.scenes]), the models with their weights and
 cards ([`tokred.bench.reference`][tokred.bench.reference]), their training code
 ([`tokred.bench.training`][tokred.bench.training]), the suites of ``tokred bench`` and ``tokred demo``, the
-measurements, and [`draw_reduction`][tokred.bench.visualize.draw_reduction], which draws a
+measurements (and the speed-ups at real checkpoints' shapes, [`tokred.bench.speed`][tokred.bench.speed]), and
+[`draw_reduction`][tokred.bench.visualize.draw_reduction], which draws a
 [`Reduction`][tokred.core.Reduction] over its image.
 
 Examples:

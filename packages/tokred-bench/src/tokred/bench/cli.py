@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokred.bench.measure import timing_warnings
 from tokred.bench.report import results_table, write_suite_report
 from tokred.bench.suite import ProgressFactory, ReferenceSuite, load_suites
 from tokred.core.cli.main import set_command
@@ -80,10 +81,11 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="show what token reduction does, on the bundled reference models (offline)",
         description=(
-            "Run a handful of held-out scenes through each reference model, dense and with token reduction (ApET on "
-            "the LLaVA, MTR on the Vim by default), print tokens, FLOPs, time and the answers next to the truth, and "
-            "write a picture per method of which patches were kept, merged or dropped, the input images and "
-            "demo.json."
+            "Run a handful of held-out scenes through each reference model, dense and with token reduction (ApET and "
+            "the best baseline on the LLaVA, MTR and the best baseline on the Vim by default), print tokens, FLOPs, "
+            "accuracy and the answers next to the truth, measure the speed-up at real checkpoints' shapes (random "
+            "weights), and write a picture per method of which patches were kept, merged or dropped, the input "
+            "images and demo.json."
         ),
     )
     _add_common(parser, "demo", suites)
@@ -93,6 +95,12 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=200,
         help="held-out examples behind the accuracy under each table (default: 200)",
+    )
+    parser.add_argument(
+        "--no-speed",
+        dest="speed",
+        action="store_false",
+        help="skip the speed measurements on random-weight models of real checkpoints' shapes (about 40 s)",
     )
     set_command(parser, run_demo)
 
@@ -161,8 +169,12 @@ def run_bench(args: argparse.Namespace) -> int:
         write_suite_report(suite, results, args.out, command=command)
         print(f"\n{suite.title} ({time.perf_counter() - start:.0f} s)\n")
         print(results_table(results, style="plain"), end="")
+        warnings = timing_warnings(results)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        flagged = "".join(f"\n> timing warning: {warning}\n" for warning in warnings)
         sections.append(
-            f"## {suite.title}\n\n{results_table(results)}\n"
+            f"## {suite.title}\n\n{results_table(results)}\n{flagged}"
             f"![accuracy]({suite.name}-accuracy.svg)\n![time]({suite.name}-speed.svg)\n"
         )
     (args.out / "results.md").write_text("\n".join(sections), encoding="utf-8")

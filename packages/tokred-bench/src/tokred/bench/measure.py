@@ -16,9 +16,14 @@ from torch.utils._pytree import tree_flatten
 from tokred.core.errors import InvalidInputError
 from tokred.core.registry import available_reducers, get_reducer_class
 
-__all__ = ["Timing", "applicable_reducers", "peak_memory", "time_call"]
+__all__ = ["MAX_SPREAD", "Timing", "applicable_reducers", "peak_memory", "time_call", "timing_warnings"]
 
 T = TypeVar("T")
+
+MAX_SPREAD = 0.2
+"""The largest time spread, as a fraction of the median, that [`timing_warnings`][tokred.bench.measure.timing_warnings]
+lets pass."""
+_OUTLIER = 3.0
 
 
 @dataclass(frozen=True)
@@ -172,3 +177,43 @@ def applicable_reducers(*, supplied_scores: Iterable[str] = (), exclude: Iterabl
             continue
         names.append(name)
     return names
+
+
+def timing_warnings(results: Iterable[Any]) -> list[str]:
+    """Warnings about bench timings a busy machine may have spoiled, one line each.
+
+    A row is flagged when its spread exceeds [`MAX_SPREAD`][tokred.bench.measure.MAX_SPREAD] of its median, or
+    when its median is more than three times, or less than a third of, the median of the reduced rows at the same
+    budget (an outlier: a method's own cost would not be that far from the others', background load would).
+
+    Args:
+        results: Rows with ``method``, ``budget``, ``time_ms`` and ``time_spread``
+            ([`BenchResult`][tokred.bench.suite.BenchResult]).
+
+    Returns:
+        The warnings; empty when every timing looks sound.
+    """
+    rows = list(results)
+    warnings = []
+    for row in rows:
+        if row.time_ms > 0 and row.time_spread > MAX_SPREAD * row.time_ms:
+            warnings.append(
+                f"{row.method} at {row.budget}: time {row.time_ms:.3g} ms ± {row.time_spread:.2g} ms, a spread of "
+                f"{row.time_spread / row.time_ms:.0%} (above {MAX_SPREAD:.0%}): the machine was busy; rerun on an "
+                "idle machine or with fewer --threads"
+            )
+    by_budget: dict[str, list[Any]] = {}
+    for row in rows:
+        if row.method != "dense":
+            by_budget.setdefault(row.budget, []).append(row)
+    for budget, group in by_budget.items():
+        if len(group) < 3:
+            continue
+        typical = statistics.median(r.time_ms for r in group)
+        for row in group:
+            if typical > 0 and not 1 / _OUTLIER <= row.time_ms / typical <= _OUTLIER:
+                warnings.append(
+                    f"{row.method} at {budget}: time {row.time_ms:.3g} ms against a median of {typical:.3g} ms for "
+                    "the methods at this budget, an outlier; rerun it alone to tell its cost from background load"
+                )
+    return warnings

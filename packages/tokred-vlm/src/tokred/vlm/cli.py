@@ -13,7 +13,7 @@ A few commands:
 tokred vlm models
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe the image." --num-keep 64 cat.png
 tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --compare --keep-ratio 0.25 a.jpg b.jpg
-tokred vlm generate --model llava_scenes --prompt "what color is the circle?" --num-keep 11 scene.png
+tokred vlm generate --model llava_scenes --prompt "what color is the striped object?" --num-keep 28 scene.png
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --num-keep 96 --layers 16:32 cat.png
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --average 64 cat.png  # the same
 ```

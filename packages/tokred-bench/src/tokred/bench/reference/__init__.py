@@ -1,6 +1,6 @@
-"""The two small reference models tokred-bench ships, trained on procedural scenes, and where their files are.
+"""The two small reference models tokred-bench ships, trained on pattern scenes, and where their files are.
 
-* ``llava_scenes``: a plain transformers ``LlavaForConditionalGeneration`` (100 visual tokens per image) that
+* ``llava_scenes``: a plain transformers ``LlavaForConditionalGeneration`` (256 visual tokens per image) that
   answers one-word questions about a scene ([`tokred.bench.reference.llava`][tokred.bench.reference.llava]).
   Its folder is a ``save_pretrained`` checkpoint, so ``from_pretrained(reference_dir("llava_scenes"))`` and
   ``tokred vlm generate --model llava_scenes`` load it.

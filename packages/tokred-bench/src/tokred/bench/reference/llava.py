@@ -1,18 +1,19 @@
 """The reference LLaVA: its config, tokenizer and processor, the bundled checkpoint, and how it is evaluated.
 
-The reference model is a plain transformers ``LlavaForConditionalGeneration`` (a small CLIP vision tower, a
-two-layer MLP projector and a small Llama decoder) with a word-level tokenizer over the words of
-[`tokred.bench.reference.questions`][tokred.bench.reference.questions]. It is trained from scratch
-([`tokred.bench.training.llava`][tokred.bench.training.llava]) to answer templated questions about procedural
-scenes ([`tokred.bench.scenes`][tokred.bench.scenes]) with one word, and bundled with tokred-bench in
-``reference_dir("llava_scenes")`` (fp16 weights, loaded in fp32 by
+The reference model is a plain transformers ``LlavaForConditionalGeneration`` (a small CLIP vision tower read
+from its penultimate layer, a two-layer MLP projector and a four-layer Llama decoder) with a word-level
+tokenizer over the words of [`tokred.bench.reference.questions`][tokred.bench.reference.questions].
+It is trained from scratch ([`tokred.bench.training.llava`][tokred.bench.training.llava]) to answer templated
+questions about pattern scenes ([`tokred.bench.scenes`][tokred.bench.scenes]) with one word, and
+bundled with tokred-bench in ``reference_dir("llava_scenes")`` (fp16 weights, loaded in fp32 by
 [`load_reference_model`][tokred.bench.reference.llava.load_reference_model]).
 
-A prompt is the question, then the image, then the answer cue ([`prompt`][tokred.bench.reference.llava.prompt]).
-The processor's chat template renders exactly that from a user message holding an image and a text part in
-either order, so ``tokred vlm generate --model llava_scenes --prompt "what color is the circle?" scene.png``
-asks the model the way it was trained. The image placeholder expands to one token per vision patch
-(``(image_size / patch_size) ** 2``). The answer is the next token.
+A prompt is the one of real LLaVA-1.5 checkpoints: the image first, then the question, then the answer cue
+([`prompt`][tokred.bench.reference.llava.prompt]). The processor's chat template renders exactly that from a
+user message holding an image and a text part in either order, so
+``tokred vlm generate --model llava_scenes --prompt "what color is the striped object?" scene.png`` asks the
+model the way it was trained. The image placeholder expands to one token per vision patch
+(``(image_size / patch_size) ** 2``, 256 by default). The answer is the next token.
 
 Examples:
     >>> from tokred.bench.reference.llava import evaluate, load_reference_model
@@ -72,21 +73,24 @@ IMAGE_TOKEN = "<image>"
 """The image placeholder string of the prompt."""
 
 _SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
-# Text parts are rendered before image parts, whatever their order in the message: the model was trained on
-# "user: {question} <image>", and command-line tools put the image first.
+# Image parts are rendered before text parts, whatever their order in the message: the model was trained on
+# "USER: <image>\n{question} ASSISTANT:", the prompt of LLaVA-1.5.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{ message['role'] }}:"
+    "{%- if message['role'] == 'user' -%}USER:"
+    "{%- else -%} ASSISTANT:"
+    "{%- endif -%}"
     "{%- if message['content'] is string %} {{ message['content'] }}"
     "{%- else -%}"
-    "{%- for part in message['content'] if part['type'] == 'text' %} {{ part['text'] }}{%- endfor -%}"
     "{%- for part in message['content'] if part['type'] == 'image' %} <image>{%- endfor -%}"
+    "{%- if message['role'] == 'user' and message['content'] | selectattr('type', 'equalto', 'image') | list -%}"
+    "{{ '\\n' }}{%- else %} {% endif -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{%- endfor -%}"
     "{%- endif -%}"
-    "{{ '\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}assistant:{% endif -%}"
+    "{%- if add_generation_prompt %} ASSISTANT:{% endif -%}"
 )
-"""The chat template of the reference processor: the question, then the image, then the answer cue."""
+"""The chat template of the reference processor: the image, then the question, then the answer cue."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ class ModelShape:
         image_size: Side of the square input image in pixels.
         patch_size: Side of a vision patch; ``(image_size / patch_size) ** 2`` visual tokens per image.
         vision_width: Hidden size of the CLIP vision tower.
-        vision_layers: Encoder layers of the vision tower (its last layer's output feeds the projector).
+        vision_layers: Encoder layers of the vision tower; the projector reads the output of the one before
+            the last (``vision_feature_layer=-2``), as LLaVA reads CLIP's penultimate layer.
         vision_heads: Attention heads of the vision tower.
         text_width: Hidden size of the Llama decoder.
         text_layers: Decoder layers.
@@ -110,13 +115,13 @@ class ModelShape:
         rope_theta: RoPE base of the decoder.
     """
 
-    image_size: int = 80
+    image_size: int = 128
     patch_size: int = 8
     vision_width: int = 64
-    vision_layers: int = 3
+    vision_layers: int = 4
     vision_heads: int = 4
     text_width: int = 64
-    text_layers: int = 2
+    text_layers: int = 4
     text_heads: int = 4
     mlp_ratio: int = 3
     init_std: float = 0.08
@@ -216,7 +221,7 @@ def build_model(shape: ModelShape | None = None, *, seed: int = 0) -> Any:
         ),
         image_token_index=IMAGE_TOKEN_ID,
         image_seq_length=shape.visual_tokens,
-        vision_feature_layer=-1,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=True,
     )
@@ -233,16 +238,18 @@ def build_model(shape: ModelShape | None = None, *, seed: int = 0) -> Any:
 def prompt(question: str | Question) -> str:
     """The chat prompt of a question, as the processor's chat template renders it.
 
-    The question comes before the image, so that the decoder reads every visual token knowing the question.
+    The image comes first, as in LLaVA-1.5 (``USER: <image>``, newline, ``{question} ASSISTANT:``): the decoder
+    reads the visual tokens before it knows the question, so whatever the answer needs is gathered at the
+    question's and the answer's positions.
 
     Args:
         question: The question text or a [`Question`][tokred.bench.reference.questions.Question].
 
     Returns:
-        ``"user: {question} <image>"``, a newline, then ``"assistant:"``.
+        ``"USER: <image>"``, a newline, the question, then ``" ASSISTANT:"``.
     """
     text = question.text if isinstance(question, Question) else question
-    return f"user: {text} {IMAGE_TOKEN}\nassistant:"
+    return f"USER: {IMAGE_TOKEN}\n{text} ASSISTANT:"
 
 
 def to_pil(image: torch.Tensor) -> Any:
@@ -274,7 +281,7 @@ def pixel_values(images: torch.Tensor, processor: Any) -> torch.Tensor:
 
 
 def llava_scenes() -> Path:
-    """The reference LLaVA of tokred-bench: 100 visual tokens per image, one-word answers about scenes.
+    """The reference LLaVA of tokred-bench: 256 visual tokens per image, one-word answers about pattern scenes.
 
     The folder of the bundled ``save_pretrained`` checkpoint; tokred-vlm finds it under this name (entry-point
     group ``tokred.vlm_checkpoints``), so ``tokred vlm generate --model llava_scenes`` loads it.

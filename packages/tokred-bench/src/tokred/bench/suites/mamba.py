@@ -3,15 +3,16 @@
 The bench measures the dense ``vim_scenes`` model and every reducer it can run (those of
 [`applicable_reducers`][tokred.bench.measure.applicable_reducers] for the scores a Vim supplies: MTR reads the
 blocks' Δ, the others only the tokens) at FLOPs cuts of 20, 30 and 40 %, each through
-[`tokred.mamba.attach`][tokred.mamba.attach] with the same schedule (``r`` tokens after blocks 1, 3, 5, 7, 9,
-solved per cut), so that the methods differ only in which tokens they merge or drop. Accuracy is measured on the
-``test`` split of [`tokred.bench.scenes`][tokred.bench.scenes], never seen in training or model selection.
+[`tokred.mamba.attach`][tokred.mamba.attach] with the same schedule (``r`` tokens after every second block, 1, 3,
+…, 13, solved per cut: MTR's), so that the methods differ only in which tokens they merge or drop. Accuracy is
+measured on the ``test`` split of [`tokred.bench.scenes`][tokred.bench.scenes], never seen in
+training or model selection.
 
 Columns of a bench row: ``budget`` names the target cut and ``budget_value`` is the cut the solved schedule
 achieves (0.405 for 40 %, the same for every reducer); ``gflops`` counts one image in the one-direction
 convention of [`count_flops`][tokred.mamba.count_flops] with the handle's schedule; ``time_ms`` is the median wall
 time of one batch's forward divided by the batch size; ``peak_memory_mb`` that batch's peak memory; ``tokens``
-the mean, over the 12 blocks, of the tokens each block processes (65 for the dense model: 64 patches and the
+the mean, over the 16 blocks, of the tokens each block processes (197 for the dense model: 196 patches and the
 class token).
 """
 
@@ -36,7 +37,15 @@ from tokred.mamba import attach, count_flops, create_model
 from tokred.mamba.flops import token_counts
 from tokred.mamba.scores import SUPPLIED_SCORES
 
-__all__ = ["BENCH_SCENES", "FLOPS_CUTS", "QUICK_SCENES", "MambaSuite", "accuracy", "patch_token_index"]
+__all__ = [
+    "BENCH_SCENES",
+    "DEMO_REDUCERS",
+    "FLOPS_CUTS",
+    "QUICK_SCENES",
+    "MambaSuite",
+    "accuracy",
+    "patch_token_index",
+]
 
 FLOPS_CUTS: tuple[float, ...] = (0.2, 0.3, 0.4)
 """FLOPs cuts of the full bench (the MTR paper's); ``--quick`` runs only the last."""
@@ -44,6 +53,8 @@ BENCH_SCENES = 1000
 """Held-out ``test`` scenes of the full bench."""
 QUICK_SCENES = 128
 """Held-out ``test`` scenes of ``--quick``."""
+DEMO_REDUCERS: tuple[str, ...] = ("mtr", "uniform")
+"""What ``tokred demo`` runs on the Vim by default: MTR and the best other reducer of the full bench."""
 _CONVENTION: Literal["one_direction"] = "one_direction"
 
 
@@ -91,14 +102,14 @@ def _reducer_config(name: str, seed: int) -> dict[str, Any]:
 
 
 class MambaSuite(ReferenceSuite):
-    """The reference Vim (``vim_scenes``) classifying the target object of held-out procedural scenes.
+    """The reference Vim (``vim_scenes``) classifying the target object of held-out pattern scenes.
 
-    Options: ``--mamba-reducers`` (bench: every applicable reducer; demo: ``mtr``), ``--mamba-flops-cuts``
+    Options: ``--mamba-reducers`` (bench: every applicable reducer; demo: ``DEMO_REDUCERS``), ``--mamba-flops-cuts``
     (bench: 0.2,0.3,0.4; 0.4 with ``--quick``) and ``--mamba-flops-cut`` (demo: 0.4).
     """
 
     name = "mamba"
-    title = "Vim on procedural scenes"
+    title = "Vim on pattern scenes"
     budget_axis = "FLOPs cut"
 
     def __init__(self, model_loader: Callable[[], nn.Module] = load_reference_vim) -> None:
@@ -113,7 +124,7 @@ class MambaSuite(ReferenceSuite):
 
     def add_arguments(self, parser: argparse.ArgumentParser, command: Literal["bench", "demo"]) -> None:
         """Add the ``--mamba-`` options of ``bench`` or ``demo``."""
-        default = "every reducer a Vim can run" if command == "bench" else "mtr"
+        default = "every reducer a Vim can run" if command == "bench" else ",".join(DEMO_REDUCERS)
         parser.add_argument(
             "--mamba-reducers",
             type=name_list,
@@ -142,7 +153,7 @@ class MambaSuite(ReferenceSuite):
         chosen = getattr(args, "mamba_reducers", None)
         if chosen:
             return chosen
-        return applicable_reducers(supplied_scores=SUPPLIED_SCORES) if command == "bench" else ("mtr",)
+        return applicable_reducers(supplied_scores=SUPPLIED_SCORES) if command == "bench" else DEMO_REDUCERS
 
     def check_arguments(self, args: argparse.Namespace, command: Literal["bench", "demo"]) -> None:
         """Every reducer asked for exists and can run on a Vim."""
@@ -224,7 +235,8 @@ class MambaSuite(ReferenceSuite):
 
         Writes ``mamba-{reducer}.png`` per reducer into ``out_dir`` (every scene beside the composed plan of its
         forward pass, [`draw_reduction`][tokred.bench.visualize.draw_reduction]) and ``mamba-scene-{i}.png``,
-        the input images of ``demo.json``.
+        the input images of ``demo.json``. With ``args.speed``, also measures a Vim-S forward at the same cut
+        ([`vim_forward_speedup`][tokred.bench.speed.vim_forward_speedup]).
         """
         from tokred.bench.visualize import draw_legend, draw_reduction, image_to_pil, tile_pictures
 
@@ -302,6 +314,10 @@ class MambaSuite(ReferenceSuite):
             "pictures: each scene's patches as its forward left them: kept (white frame), a kept token that "
             "absorbed others (thick frame in its colour), merged into it (corner marks in that colour), dropped (grey)"
         )
+        if getattr(args, "speed", False):
+            from tokred.bench.speed import vim_forward_speedup
+
+            notes.append(vim_forward_speedup(flops_cut=cut).line())
 
         rows, records = [], []
         for row, scene in enumerate(scenes.scenes):

@@ -1,10 +1,11 @@
 """``VLMSuite``: the reference LLaVA in ``tokred bench`` and ``tokred demo``.
 
 The bench asks the bundled reference model ([`load_reference_model`][tokred.bench.reference.llava.load_reference_model])
-held-out questions about procedural scenes of the ``test`` split, densely and with every applicable reducer
+held-out questions about pattern scenes of the ``test`` split, densely and with every applicable reducer
 attached ([`tokred.vlm.attach`][tokred.vlm.attach], LLaVA's default ``space="vision"``: each image's vision features
-are reduced before the projector) at 50 %, 25 % and 11 % of the visual tokens. The demo answers a few questions
-densely and with one reducer, and draws which patches of each image survived.
+are reduced before the projector) at 33 %, 22 % and 11 % of the visual tokens: the 192, 128 and 64 of 576 of the
+LLaVA-1.5 tables. The demo answers a few questions densely and with one reducer, and draws which patches of each
+image survived.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tokred.vlm import ApET, attach, paper_schedule
 
 __all__ = [
     "BUDGETS",
+    "DEMO_METHODS",
     "EXCLUDED_REDUCERS",
     "POSITIONS",
     "REFERENCE_METHOD",
@@ -41,8 +43,8 @@ __all__ = [
     "schedule_for",
 ]
 
-BUDGETS: tuple[float, ...] = (0.5, 0.25, 0.11)
-"""Fractions of each image's visual tokens kept by the bench."""
+BUDGETS: tuple[float, ...] = (0.33, 0.22, 0.11)
+"""Fractions of each image's visual tokens kept by the bench: 192, 128 and 64 of LLaVA-1.5's 576."""
 
 EXCLUDED_REDUCERS: tuple[str, ...] = ("topvim", "utr")
 """Registered reducers the VLM bench leaves out.
@@ -52,14 +54,11 @@ EXCLUDED_REDUCERS: tuple[str, ...] = ("topvim", "utr")
 suite measures them where it does).
 """
 
-POSITIONS = "original"
-"""The ``positions`` the suite attaches with by default (``--vlm-positions``).
-
-The reference model reads the question *before* the image (its prompt is ``"user: {question} <image>"``, then
-``"assistant:"``), so closing the gaps of removed tokens (``"compact"``, the LLaVA default of
-[`attach`][tokred.vlm.attach], made for LLaVA-1.5's image-first prompts) moves the answer position up to 89
-positions closer to the question than in any sequence the model has seen, and its RoPE attention breaks down for
-every reducer alike. ``"original"`` keeps every token's position.
+POSITIONS = "compact"
+"""The ``positions`` the suite attaches with by default (``--vlm-positions``): LLaVA's default in
+[`attach`][tokred.vlm.attach]. The reference model reads the image before the question, as LLaVA-1.5 does, so
+closing the gaps of removed tokens leaves the question and the answer as close to the surviving image tokens as
+in the sequences it was trained on.
 """
 
 REFERENCE_METHOD = "apet (reference)"
@@ -68,6 +67,9 @@ REFERENCE_METHOD = "apet (reference)"
 TWO_STAGE_METHOD = "apet (two-stage)"
 """The bench's name of ApET's paper schedule, [`paper_schedule`][tokred.vlm.paper_schedule] (``apet-two-stage``):
 the budget is the visual tokens per image averaged over the decoder layers."""
+
+DEMO_METHODS: tuple[str, ...] = ("apet", "divprune")
+"""What ``tokred demo`` runs on the LLaVA by default: ApET and the best other method of the full bench."""
 
 _FULL_QUESTIONS = 1000
 _QUICK_QUESTIONS = 128
@@ -120,7 +122,7 @@ def schedule_for(method: str, model: Any, num_keep: int, *, seed: int = 0) -> di
 
 
 class VLMSuite(ReferenceSuite):
-    """The reference LLaVA on procedural scenes (see the module docstring).
+    """The reference LLaVA on pattern scenes (see the module docstring).
 
     Options (``tokred bench`` and ``tokred demo``): ``--vlm-model PATH``, a checkpoint folder written by
     ``scripts/train_llava_scenes.py`` (default: the bundled one); ``--vlm-positions`` (default
@@ -133,7 +135,7 @@ class VLMSuite(ReferenceSuite):
     """
 
     name: ClassVar[str] = "vlm"
-    title: ClassVar[str] = "LLaVA on procedural scenes"
+    title: ClassVar[str] = "LLaVA on pattern scenes"
     budget_axis: ClassVar[str] = "visual tokens kept"
 
     def __init__(self) -> None:
@@ -152,10 +154,9 @@ class VLMSuite(ReferenceSuite):
             "--vlm-positions",
             choices=("original", "compact"),
             default=POSITIONS,
-            help=f"LLaVA suite: positions of the kept tokens, as in attach() (default {POSITIONS}: the model reads "
-            "the question before the image, and compact positions move the answer away from it)",
+            help=f"LLaVA suite: positions of the kept tokens, as in attach() (default {POSITIONS}, LLaVA's)",
         )
-        default = "every applicable reducer" if command == "bench" else "apet"
+        default = "every applicable reducer" if command == "bench" else ",".join(DEMO_METHODS)
         parser.add_argument(
             "--vlm-reducers",
             type=name_list,
@@ -171,7 +172,7 @@ class VLMSuite(ReferenceSuite):
                 default=None,
                 metavar="RATIOS",
                 help="LLaVA suite: fractions of each image's visual tokens kept, comma-separated "
-                "(default 0.5,0.25,0.11; 0.11 with --quick)",
+                "(default 0.33,0.22,0.11; 0.11 with --quick)",
             )
         else:
             parser.add_argument(
@@ -185,7 +186,7 @@ class VLMSuite(ReferenceSuite):
     def _methods(self, args: argparse.Namespace, command: str) -> list[str]:
         chosen = getattr(args, "vlm_reducers", None)
         if not chosen:
-            return method_names() if command == "bench" else ["apet"]
+            return method_names() if command == "bench" else list(DEMO_METHODS)
         by_slug = {method_slug(m): m for m in method_names()}
         return [by_slug.get(name, name) for name in chosen]
 
@@ -242,7 +243,7 @@ class VLMSuite(ReferenceSuite):
 
     # ------------------------------------------------------------------------------------------ bench
     def bench(self, args: argparse.Namespace, progress: ProgressFactory) -> list[BenchResult]:
-        """Dense model first, then every reducer at 50 / 25 / 11 % of the visual tokens (11 % only with ``quick``).
+        """Dense model first, then every reducer at 33 / 22 / 11 % of the visual tokens (11 % only with ``quick``).
 
         Accuracy is measured on the first 1000 questions of the ``test`` split (128 with ``quick``; at most
         ``limit``); GFLOPs (``FlopCounterMode``), time ([`time_call`][tokred.bench.measure.time_call]) and peak
@@ -278,13 +279,15 @@ class VLMSuite(ReferenceSuite):
                 _, peak = peak_memory(run)
             self.per_kind[(method, budget)] = result.per_kind
             dense_accuracy = rows[0].accuracy if rows else result.accuracy
+            # The dense row is the reference, whatever its accuracy.
+            retained = result.accuracy / dense_accuracy if rows and dense_accuracy > 0 else float(not rows)
             return BenchResult(
                 suite=self.name,
                 method=method,
                 budget=budget,
                 budget_value=value,
                 accuracy=result.accuracy,
-                retained=result.accuracy / dense_accuracy if dense_accuracy > 0 else 0.0,
+                retained=retained,
                 gflops=gflops,
                 time_ms=timing.median / probe_size * 1000,
                 time_spread=timing.spread / probe_size * 1000,
@@ -303,15 +306,17 @@ class VLMSuite(ReferenceSuite):
 
     # ------------------------------------------------------------------------------------------ demo
     def demo(self, args: argparse.Namespace, out_dir: Path, progress: ProgressFactory) -> DemoReport:
-        """Answer a few held-out questions densely and with one reducer; draw each image's surviving patches.
+        """Answer a few held-out questions densely and with each demo reducer; draw each image's surviving patches.
 
-        Writes ``vlm-{reducer}.png``: every scene with the reducer's plan for its visual tokens drawn over it,
-        the question and the answers under it; and ``vlm-scene-{i}.png``, the input images of ``demo.json``.
+        Writes ``vlm-{reducer}.png`` per reducer: every scene with the reducer's plan for its visual tokens drawn
+        over it, the question and the answers under it; and ``vlm-scene-{i}.png``, the input images of
+        ``demo.json``. With ``args.speed``, also measures a prefill at LLaVA-1.5-7B's shapes
+        ([`llava_prefill_speedup`][tokred.bench.speed.llava_prefill_speedup]).
         """
         from tokred.bench.visualize import draw_legend, draw_reduction, image_to_pil, tile_pictures
 
         model, processor = self._load(args)
-        (method,) = self._methods(args, "demo")[:1]
+        methods = self._methods(args, "demo")
         total = self._visual_tokens(model)
         keep = max(1, round(args.vlm_keep_ratio * total))
         size = self._image_size(model)
@@ -329,36 +334,34 @@ class VLMSuite(ReferenceSuite):
         accuracy_batches = [_to(b, args.device) for b in encode(accuracy_set, processor, args.batch_size)]
         generate = {"max_new_tokens": 1, "do_sample": False}
         run = self._prefill(model, inputs)
-        with progress(total=2 * small, desc="vlm demo", unit="q") as bar, torch.no_grad():
+        positions = getattr(args, "vlm_positions", POSITIONS)
+        reduced: dict[str, dict[str, Any]] = {}
+        with progress(total=(1 + len(methods)) * small, desc="vlm demo", unit="q") as bar, torch.no_grad():
             dense = answers(model.generate(**inputs, **generate))
             dense_gflops, dense_seconds = self._gflops(run, count), time_call(run).median
             dense_accuracy = score(
                 accuracy_set.questions, predict(model, processor, accuracy_batches, on_batch=bar.update)
             )
-            schedule = schedule_for(method, model, keep, seed=args.seed)
-            positions = getattr(args, "vlm_positions", POSITIONS)
-            with attach(model, **schedule, positions=positions, record_plans=True) as handle:
-                reduced = answers(model.generate(**inputs, **generate))
-                plans = handle.last_plans
-                kept = handle.last_stats.kept_per_group
-                reduced_gflops, reduced_seconds = self._gflops(run, count), time_call(run).median
-                reduced_accuracy = score(
-                    accuracy_set.questions, predict(model, processor, accuracy_batches, on_batch=bar.update)
-                )
+            for method in methods:
+                schedule = schedule_for(method, model, keep, seed=args.seed)
+                with attach(model, **schedule, positions=positions, record_plans=True) as handle:
+                    reduced[method] = {
+                        "answers": answers(model.generate(**inputs, **generate)),
+                        "plans": handle.last_plans,
+                        "kept": handle.last_stats.average_visual_tokens,
+                        "gflops": self._gflops(run, count),
+                        "seconds": time_call(run).median,
+                        "accuracy": score(
+                            accuracy_set.questions, predict(model, processor, accuracy_batches, on_batch=bar.update)
+                        ).accuracy,
+                    }
 
-        rows, records, pictures = [], [], []
-        scale = max(1, min(4, 320 // size))  # 320-pixel pictures of the 80-pixel scenes
-        for row, (scene, question, answer, other, plan) in enumerate(
-            zip(shown.scenes, shown.questions, dense, reduced, plans, strict=True)
-        ):
+        rows, records = [], []
+        for row, (scene, question, answer) in enumerate(zip(shown.scenes, shown.questions, dense, strict=True)):
+            others = {method: reduced[method]["answers"][row] for method in methods}
             rows.append(
-                {
-                    "scene": f"test #{scene.index}",
-                    "question": question.text,
-                    "truth": question.answer,
-                    "dense": answer,
-                    method: other,
-                }
+                {"scene": f"test #{scene.index}", "question": question.text, "truth": question.answer, "dense": answer}
+                | others
             )
             image_name = f"vlm-scene-{row}.png"
             image_to_pil(shown.images[row]).save(Path(out_dir) / image_name)
@@ -368,34 +371,57 @@ class VLMSuite(ReferenceSuite):
                     "question": question.text,
                     "truth": question.answer,
                     "dense": answer,
-                    "reduced": {method: other},
+                    "reduced": others,
                 }
             )
-            caption = [f"Q: {question.text}", f"truth: {question.answer} · dense: {answer} · {method}: {other}"]
-            pictures.append(
+        scale = max(1, min(4, 320 // size))  # pictures of about 300 pixels a side
+        images = []
+        for method in methods:
+            pictures = [
                 draw_reduction(
                     shown.images[row],
                     plan.reduction,
                     grid=(side, side),
                     scale=scale,
                     title=f"test #{scene.index}",
-                    caption=caption,
+                    caption=[
+                        f"Q: {question.text}",
+                        f"truth: {question.answer} · dense: {dense[row]} · {method}: {reduced[method]['answers'][row]}",
+                    ],
                     legend=False,
                 )
-            )
-        path = Path(out_dir) / f"vlm-{method_slug(method)}.png"
-        tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
+                for row, (scene, question, plan) in enumerate(
+                    zip(shown.scenes, shown.questions, reduced[method]["plans"], strict=True)
+                )
+            ]
+            path = Path(out_dir) / f"vlm-{method_slug(method)}.png"
+            tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
+            images.append(path)
         notes = [
-            f"{method} keeps {kept:g} of {total} visual tokens per image ({kept / total:.0%}); "
-            f"plans drawn in {path.name}: kept patches framed, merged ones with corner marks in the colour of the "
-            "token they joined, dropped ones grey",
-            f"prefill per example: dense {dense_gflops:.3f} GFLOPs, {dense_seconds / count * 1000:.2f} ms; "
-            f"{method} {reduced_gflops:.3f} GFLOPs, {reduced_seconds / count * 1000:.2f} ms",
-            f"accuracy on {small} held-out questions (test split): dense {dense_accuracy.accuracy:.1%}, "
-            f"{method} {reduced_accuracy.accuracy:.1%}",
+            f"held-out: test questions 0..{count - 1} shown; accuracy on test questions 0..{small - 1}",
+            f"dense: {total} visual tokens per image, prefill {dense_gflops:.3f} GFLOPs and "
+            f"{dense_seconds / count * 1000:.2f} ms per example, accuracy {dense_accuracy.accuracy:.1%}",
         ]
-        title = f"{self.title}: dense vs {method} at {keep} of {total} visual tokens"
-        return DemoReport(title=title, rows=rows, images=[path], notes=notes, records=records)
+        for method in methods:
+            result = reduced[method]
+            retained = result["accuracy"] / dense_accuracy.accuracy if dense_accuracy.accuracy else 0.0
+            kept, per_example = result["kept"], result["seconds"] / count * 1000
+            notes.append(
+                f"{method}: keeps {kept:g} of {total} visual tokens per image ({kept / total:.0%}), prefill "
+                f"{result['gflops']:.3f} GFLOPs and {per_example:.2f} ms per example, accuracy "
+                f"{result['accuracy']:.1%} ({retained:.1%} of dense)"
+            )
+        notes.append(
+            "pictures: kept patches framed, merged ones with corner marks in the colour of the token they joined, "
+            "dropped ones grey; at this model's size a prefill is mostly overhead, so its time says nothing about "
+            "speed (see the speed line)"
+        )
+        if getattr(args, "speed", False):
+            from tokred.bench.speed import llava_prefill_speedup
+
+            notes.append(llava_prefill_speedup(keep=64).line())
+        title = f"{self.title}: dense vs {', '.join(methods)} at {keep} of {total} visual tokens"
+        return DemoReport(title=title, rows=rows, images=images, notes=notes, records=records)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,28 +1,27 @@
-"""Training the reference LLaVA from scratch on procedural scenes, deterministically, on the CPU.
+"""Training the reference LLaVA from scratch on pattern scenes, deterministically, on the CPU.
 
 A tiny LLaVA trained on the answers alone learns the prior of each question kind and then stalls for longer
-than a CPU budget allows: its vision tower has to discover shapes and its decoder has to discover where to look,
-and neither gets a signal until the other works. Training therefore adds auxiliary losses that say what each
-part should compute; all of them act on full token sets (no token is ever dropped or merged, so benchmarks
-measure training-free reduction), their small heads are discarded, and the saved model is a plain
+than a CPU budget allows: its vision tower has to discover colours and patterns and its decoder has to discover
+where to look, and neither gets a signal until the other works. Training therefore adds auxiliary losses that
+say what each part should compute; all of them act on full token sets (no token is ever dropped or merged, so
+benchmarks measure training-free reduction), their small heads are discarded, and the saved model is a plain
 ``LlavaForConditionalGeneration``.
 
 * **Phase 1** trains the vision tower alone on per-patch labels from the scene's ground truth
-  ([`patch_targets`][tokred.bench.training.llava.patch_targets]): the colour and shape of the object covering each
-  patch, whether the patch holds an object's centre, and the patch's own grid cell.
+  ([`patch_targets`][tokred.bench.training.llava.patch_targets]): the colour and pattern of the object covering
+  each patch, and the patch's own column.
 * **Phase 2** trains everything on the questions: fresh scenes every step (``images_per_step`` of the ``train``
   split), ``questions_per_image`` questions each
-  ([`questions_for_scene`][tokred.bench.reference.questions.questions_for_scene]), the cross-entropy of the one answer
-  token, plus
+  ([`questions_for_scene`][tokred.bench.reference.questions.questions_for_scene]), the cross-entropy of
+  the one answer token, plus
 
   - the per-patch loss of phase 1;
-  - *keyword*: head 0 of the first decoder layer, at every image token, should attend to the question's
-    keywords ([`keyword_target`][tokred.bench.training.llava.keyword_target]; the prompt puts the question before the
-    image);
-  - *relevance*: the decoder states entering the last layer should tell, per image token, whether the patch
-    holds what answers the question ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]);
-  - *attention*: head 0 of the last decoder layer, at the answer position, should attend to those patches
-    ([`attention_target`][tokred.bench.training.llava.attention_target]).
+  - *keyword*: head 0 of the first decoder layer, at the question's colour and pattern words, should attend
+    to the patches of the objects with that colour or pattern
+    ([`keyword_target`][tokred.bench.training.llava.keyword_target]);
+  - *attention*: heads 0 and 1 of the last decoder layer, at the answer position, should attend to the
+    patches of the objects that hold the answer, a count's mass per object, a comparison's two objects one per
+    head ([`attention_target`][tokred.bench.training.llava.attention_target]).
 
 The vision tower runs once per image and its output is shared by the image's questions; everything else is
 exactly ``model(**processor(...))`` of each (question, image) prompt (a test checks the logits agree).
@@ -59,6 +58,7 @@ from tokred.bench.reference.llava import (
     ModelShape,
     build_model,
     build_processor,
+    encode,
     evaluate,
     load_reference_model,
     pixel_values,
@@ -66,19 +66,35 @@ from tokred.bench.reference.llava import (
     score,
 )
 from tokred.bench.reference.questions import (
-    MAX_COUNT,
+    ANSWERS,
     QUESTION_KINDS,
     Question,
     make_questions,
-    plural,
     questions_for_scene,
 )
-
-# _shape_mask: the renderer's own masks, so that the per-patch labels match the pixels.
-from tokred.bench.scenes import COLORS, SHAPES, Scene, _shape_mask, make_scenes
+from tokred.bench.scenes import COLORS, MAX_OBJECTS, PATTERNS, SceneSet, make_scenes
+from tokred.bench.training.probes import linear_probe_accuracy, llava_layer_features
 from tokred.core.errors import InvalidInputError
 
-__all__ = ["PromptTokens", "TrainConfig", "TrainResult", "answer_ids", "patch_targets", "question_loss", "train"]
+__all__ = [
+    "HELD_OUT_QUESTIONS",
+    "PATCH_CLASSES",
+    "SMALL_HELD_OUT_QUESTIONS",
+    "PromptTokens",
+    "TrainConfig",
+    "TrainResult",
+    "answer_ids",
+    "attention_target",
+    "diagnose",
+    "keyword_target",
+    "patch_owners",
+    "patch_targets",
+    "question_loss",
+    "relevant_patches",
+    "save_checkpoint",
+    "train",
+    "write_card",
+]
 
 
 @dataclass(frozen=True)
@@ -103,26 +119,23 @@ class TrainConfig:
         betas: AdamW betas.
         grad_clip: Clip of the global gradient norm (0: none).
         patch_weight: Weight of the per-patch loss on the vision features in phase 2 (0: none).
-        relevance_weight: Weight of the per-patch loss on the decoder states that enter its last layer: whether
-            the patch holds what answers the question
-            ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]; 0: none).
-        attention_weight: Weight of the loss on the first head of the last decoder layer at the answer position:
+        attention_weight: Weight of the loss on heads 0 and 1 of the last decoder layer at the answer position:
             cross-entropy against [`attention_target`][tokred.bench.training.llava.attention_target] (0: none).
-        keyword_weight: Weight of the loss on the first head of the first decoder layer at the image positions:
-            cross-entropy against an even spread over the question's keywords
-            ([`keyword_target`][tokred.bench.training.llava.keyword_target]; 0: none).
+        keyword_weight: Weight of the loss on head 0 of the first decoder layer at the question's colour and
+            pattern words: cross-entropy against
+            [`keyword_target`][tokred.bench.training.llava.keyword_target] (0: none).
         seed: Seed of the weight initialisation and of the question draws.
         threads: ``torch.set_num_threads`` during training (part of what makes a run reproducible).
         log_every: Steps between two log lines.
     """
 
     shape: ModelShape = field(default_factory=ModelShape)
-    vision_steps: int = 800
+    vision_steps: int = 400
     vision_batch: int = 32
     vision_learning_rate: float = 6e-3
-    steps: int = 500
+    steps: int = 900
     images_per_step: int = 16
-    questions_per_image: int = 8
+    questions_per_image: int = 6
     per_kind: int = 2
     learning_rate: float = 2e-3
     min_learning_rate: float = 1e-4
@@ -131,7 +144,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     patch_weight: float = 1.0
-    relevance_weight: float = 1.0
     attention_weight: float = 1.0
     keyword_weight: float = 1.0
     seed: int = 0
@@ -171,7 +183,7 @@ SMALL_HELD_OUT_QUESTIONS = 128
 class PromptTokens:
     """Token ids of the training prompts, exactly as the processor makes them at inference.
 
-    The prompt ``"<s> user: {question} <image>*n assistant:"`` is tokenised once per question text (cached);
+    The prompt ``"<s> USER: <image>*n {question} ASSISTANT:"`` is tokenised once per question text (cached);
     a batch is left-padded like the processor's.
 
     Args:
@@ -211,7 +223,6 @@ def question_loss(
     *,
     return_logits: bool = False,
     return_features: bool = False,
-    return_states: bool = False,
     return_attention: bool = False,
 ) -> Any:
     """Mean cross-entropy of the answer tokens, with one vision-tower pass per image.
@@ -227,11 +238,9 @@ def question_loss(
         questions: ``B`` lists of ``Q`` questions each (the same ``Q`` for every image).
         return_logits: Also return the answer-position logits ``(B * Q, V)``.
         return_features: Also return the vision features before the projector ``(B, n, C_vision)``.
-        return_states: Also return the decoder states at the image positions that enter the last decoder layer
-            ``(B * Q, n, D)``.
-        return_attention: Also return two attention maps of head 0, recomputed from the layers' inputs (the model
-            keeps its ``sdpa``): the last decoder layer's at the answer position ``(B * Q, L)`` and the first
-            layer's at the image positions ``(B * Q, n, L)``.
+        return_attention: Also return two attention maps, recomputed from the layers' inputs (the model keeps its
+            ``sdpa``): heads 0 and 1 of the last decoder layer at the answer position ``(B * Q, 2, L)``, and head
+            0 of the first layer at every position ``(B * Q, L, L)``.
 
     Returns:
         The scalar loss, followed by the logits and the features where asked for.
@@ -255,7 +264,7 @@ def question_loss(
     embeds = model.get_input_embeddings()(ids)
     image = (ids == config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image, features.repeat_interleave(per_image, dim=0).to(embeds.dtype))
-    captured: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+    captured: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}  # the layers' inputs
     layers = base.language_model.layers
     hooks = []
     if return_attention:
@@ -266,7 +275,7 @@ def question_loss(
 
             hooks.append(layers[number].self_attn.register_forward_pre_hook(capture, with_kwargs=True))
     try:
-        output = base.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=return_states)
+        output = base.language_model(inputs_embeds=embeds, attention_mask=mask)
     finally:
         for hook in hooks:
             hook.remove()
@@ -278,14 +287,12 @@ def question_loss(
         out += (logits,)
     if return_features:
         out += (selected,)
-    if return_states:
-        inner = output.hidden_states[config.text_config.num_hidden_layers - 1]  # (B*Q, L, D)
-        out += (inner[image.squeeze(-1)].view(ids.shape[0], -1, inner.shape[-1]),)
     if return_attention:
         last = torch.full((ids.shape[0], 1), ids.shape[1] - 1, device=ids.device)
-        answer = _head_attention(layers[-1].self_attn, *captured[len(layers) - 1], mask, last)[:, 0]
-        where = torch.nonzero(image.squeeze(-1))[:, 1].view(ids.shape[0], -1)  # (N, n) image positions
-        out += (answer, _head_attention(layers[0].self_attn, *captured[0], mask, where))
+        final = layers[-1].self_attn, *captured[len(layers) - 1], mask, last
+        answer = torch.stack([_head_attention(*final, head=h)[:, 0] for h in (0, 1)], dim=1)
+        every = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        out += (answer, _head_attention(layers[0].self_attn, *captured[0], mask, every))
     return out[0] if len(out) == 1 else out
 
 
@@ -300,8 +307,9 @@ def _head_attention(
     rope: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
     queries: torch.Tensor,
+    head: int = 0,
 ) -> torch.Tensor:
-    """Causal attention probabilities ``(N, m, L)`` of head 0 of a Llama attention layer at some positions.
+    """Causal attention probabilities ``(N, m, L)`` of one head of a Llama attention layer at some positions.
 
     Args:
         attention: The layer's ``LlamaAttention``.
@@ -309,13 +317,15 @@ def _head_attention(
         rope: The ``(cos, sin)`` it received, each ``(N or 1, L, head_dim)``.
         mask: ``(N, L)`` padding mask, 1 for real tokens.
         queries: Long ``(N, m)``: the query positions of each row.
+        head: The head (query and key heads coincide: the reference decoder has no grouped keys).
     """
     size = attention.head_dim
+    part = slice(head * size, (head + 1) * size)
     rows = hidden.shape[0]
     cos, sin = (r.expand(rows, -1, -1) for r in rope)
     pick = queries.unsqueeze(-1).expand(-1, -1, size)
-    query = attention.q_proj(hidden)[..., :size].gather(1, pick)  # (N, m, hd)
-    key = attention.k_proj(hidden)[..., :size]  # (N, L, hd)
+    query = attention.q_proj(hidden)[..., part].gather(1, pick)  # (N, m, hd)
+    key = attention.k_proj(hidden)[..., part]  # (N, L, hd)
     query = query * cos.gather(1, pick) + _rotate_half(query) * sin.gather(1, pick)
     key = key * cos + _rotate_half(key) * sin
     logits = (query @ key.transpose(1, 2)).float() * attention.scaling  # (N, m, L)
@@ -336,110 +346,144 @@ def answer_ids(processor: Any, words: Sequence[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _cover(scene: Scene, shape: ModelShape) -> tuple[torch.Tensor, list[int]]:
-    """Object index covering each patch (``-1``: none) and the patch holding each object's centre.
+PATCH_CLASSES: tuple[int, ...] = (1 + len(COLORS), 1 + len(PATTERNS), 4)
+"""Classes of the three per-patch targets of [`patch_targets`][tokred.bench.training.llava.patch_targets]: colour,
+pattern (0: no object) and the patch's column quarter."""
 
-    A patch is covered by the object with the most pixels in it, if that is at least a tenth of the patch.
+_OWNED = 0.1  # least share of a patch an object must cover to own it
+
+
+def patch_owners(scenes: SceneSet, shape: ModelShape) -> torch.Tensor:
+    """Long ``(B, n)``: the object (index into ``scene.objects``) covering most of each patch, ``-1`` for none.
+
+    An object owns a patch when it covers at least a tenth of it (the scenes' own visible-pixel masks).
     """
-    side, patch = shape.image_size // shape.patch_size, shape.patch_size
-    coords = torch.arange(shape.image_size, dtype=torch.float32) + 0.5
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    fractions = torch.stack(
-        [_shape_mask(obj.shape, xs - obj.center[0], ys - obj.center[1], obj.radius).float() for obj in scene.objects]
-    )  # (objects, H, W)
-    fractions = torch.nn.functional.avg_pool2d(fractions.unsqueeze(1), patch).flatten(1)  # (objects, n)
-    best, owner = fractions.max(dim=0)
-    owner = torch.where(best >= 0.1, owner, -1)
-    centres = [
-        min(int(obj.center[1] // patch), side - 1) * side + min(int(obj.center[0] // patch), side - 1)
-        for obj in scene.objects
-    ]
-    return owner, centres
+    coverage = scenes.patch_coverage(shape.patch_size)  # (B, K, n)
+    best, owner = coverage.max(dim=1)
+    return torch.where(best >= _OWNED, owner, -1)
 
 
-def patch_targets(scenes: Sequence[Scene], shape: ModelShape) -> torch.Tensor:
-    """Per-patch labels of the auxiliary vision loss: what object covers each patch, and where objects are.
-
-    A patch is covered by the object with the most pixels in it, if that is at least a tenth of the patch (the
-    scene's exact shape masks). The *centre* patch of an object is the one that holds its centre.
+def patch_targets(scenes: SceneSet, shape: ModelShape) -> torch.Tensor:
+    """Per-patch labels of the auxiliary vision loss: what covers each patch, and where the patch is.
 
     Args:
-        scenes: ``B`` scenes.
+        scenes: ``B`` rendered scenes, at the model's image size.
         shape: Model sizes (image and patch size).
 
     Returns:
-        Long ``(B, n, 4)``: colour (0 none, else ``1 +`` index in ``COLORS``), shape (0 none, else
-        ``1 +`` index in ``SHAPES``), centre flag (0 or 1) and the patch's own 3 x 3 grid cell (``0..8``,
-        see ``POSITIONS``) of each patch, row-major.
+        Long ``(B, n, 3)``, row-major patches: colour (0 none, else ``1 +`` index in ``COLORS``) and pattern (0
+        none, else ``1 +`` index in ``PATTERNS``) of the owning object
+        ([`patch_owners`][tokred.bench.training.llava.patch_owners]), and the patch's column quarter ``0..3`` (what
+        ``position`` questions compare).
     """
     side = shape.image_size // shape.patch_size
-    out = torch.zeros((len(scenes), shape.visual_tokens, 4), dtype=torch.long)
-    index = torch.arange(side * side)
-    out[..., 3] = (index // side * 3 // side) * 3 + index % side * 3 // side
+    owners = patch_owners(scenes, shape)
+    out = torch.zeros((len(scenes), shape.visual_tokens, 3), dtype=torch.long)
+    out[..., 2] = torch.arange(side * side) % side * 4 // side
     colors = list(COLORS)
-    for b, scene in enumerate(scenes):
-        owner, centres = _cover(scene, shape)
+    for b, scene in enumerate(scenes.scenes):
         for i, obj in enumerate(scene.objects):
-            out[b, owner == i, 0] = 1 + colors.index(obj.color)
-            out[b, owner == i, 1] = 1 + SHAPES.index(obj.shape)
-            out[b, centres[i], 2] = 1
+            out[b, owners[b] == i, 0] = 1 + colors.index(obj.color)
+            out[b, owners[b] == i, 1] = 1 + PATTERNS.index(obj.pattern)
     return out
 
 
-def relevant_patches(
-    scene: Scene, question: Question, shape: ModelShape, cover: tuple[torch.Tensor, list[int]] | None = None
-) -> torch.Tensor:
-    """Bool ``(n,)``: the patches that hold what answers ``question``.
+def relevant_patches(owners: torch.Tensor, question: Question) -> torch.Tensor:
+    """Bool ``(n,)``: the patches of the objects that hold the answer (``question.objects``).
 
-    ``color``: the patches of the named (unique) shape; ``shape``: those of the object in the named cell;
-    ``exists``: those of objects of the named colour and shape (none when the answer is no); ``count``: the
-    centre patch of every object of the named shape. ``cover`` is the scene's ``_cover``, if already computed.
+    Args:
+        owners: ``(n,)``, the scene's row of [`patch_owners`][tokred.bench.training.llava.patch_owners].
+        question: The question.
     """
-    owner, centres = cover if cover is not None else _cover(scene, shape)
-    relevant = torch.zeros(shape.visual_tokens, dtype=torch.bool)
-    for i, obj in enumerate(scene.objects):
-        if question.kind == "count":
-            if obj.shape == question.about[0]:
-                relevant[centres[i]] = True
-            continue
-        if question.kind == "color":
-            match = obj.shape == question.about[0]
-        elif question.kind == "shape":
-            match = obj.position == question.about[0]
-        else:
-            match = (obj.color, obj.shape) == question.about
-        if match:
-            relevant |= owner == i
+    relevant = torch.zeros(owners.shape, dtype=torch.bool)
+    for i in question.objects:
+        relevant |= owners == i
     return relevant
 
 
 def attention_target(
-    scenes: Sequence[Scene], questions: list[list[Question]], mask: torch.Tensor, image: torch.Tensor, shape: ModelShape
+    owners: torch.Tensor, questions: list[list[Question]], mask: torch.Tensor, image: torch.Tensor
 ) -> torch.Tensor:
-    """Where the answer position should look, for the auxiliary attention loss: ``(B * Q, L)`` rows summing to 1.
+    """Where heads 0 and 1 of the last layer should look from the answer position: ``(B * Q, 2, L)``, rows of 1.
 
-    ``color``, ``shape`` and a ``yes`` to ``exists``: evenly over the relevant patches
-    ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]); ``count``: ``1 / (MAX_COUNT + 1)`` on the
-    centre patch of each object counted, the rest on ``<s>``; a ``no`` to ``exists``: all on ``<s>``.
+    * ``color``, ``pattern``, a ``yes`` to ``exists``: both heads evenly over the patches of the objects that
+      hold the answer ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]).
+    * ``count``: both heads put ``1 / (MAX_OBJECTS + 1)`` on each counted object (spread over its patches) and
+      the rest on ``<s>``, so the attended mass says how many there are.
+    * ``position``: head 0 on the first object named, head 1 on the second.
+    * No object holds the answer (a ``no``, a ``0``): all on ``<s>``.
+
+    Args:
+        owners: ``(B, n)`` from [`patch_owners`][tokred.bench.training.llava.patch_owners].
+        questions: ``B`` lists of ``Q`` questions.
+        mask: ``(B * Q, L)`` padding mask of the prompts.
+        image: Bool ``(B * Q, L)``: the image positions.
     """
-    rows = []
     first = mask.long().argmax(dim=1)  # position of <s> in each left-padded row
-    for b, scene in enumerate(scenes):
-        for question in questions[b]:
-            rows.append((scene, question))
-    target = torch.zeros(mask.shape, dtype=torch.float32)
-    covers = {id(scene): _cover(scene, shape) for scene in scenes}
-    for r, (scene, question) in enumerate(rows):
-        relevant = relevant_patches(scene, question, shape, covers[id(scene)])
-        positions = torch.nonzero(image[r]).squeeze(1)[relevant]
-        if question.kind == "count":
-            target[r, positions] = 1.0 / (MAX_COUNT + 1)
-            target[r, first[r]] = 1.0 - target[r].sum()
-        elif positions.numel():
-            target[r, positions] = 1.0 / positions.numel()
-        else:
-            target[r, first[r]] = 1.0
+    target = torch.zeros((mask.shape[0], 2, mask.shape[1]), dtype=torch.float32)
+    row = 0
+    for b, per_image in enumerate(questions):
+        for question in per_image:
+            places = torch.nonzero(image[row]).squeeze(1)
+            groups = [places[owners[b] == i] for i in question.objects]
+            groups = [g for g in groups if g.numel()]
+            for head in (0, 1):
+                if question.kind == "position" and len(groups) == 2:
+                    target[row, head, groups[head]] = 1.0 / groups[head].numel()
+                elif question.kind == "count":
+                    for group in groups:
+                        target[row, head, group] += 1.0 / (MAX_OBJECTS + 1) / group.numel()
+                    target[row, head, first[row]] += 1.0 - float(target[row, head].sum())
+                elif groups:
+                    every = torch.cat(groups)
+                    target[row, head, every] = 1.0 / every.numel()
+                else:
+                    target[row, head, first[row]] = 1.0
+            row += 1
     return target
+
+
+def keyword_target(
+    scenes: SceneSet, owners: torch.Tensor, questions: list[list[Question]], ids: torch.Tensor, tokenizer: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the question's colour and pattern words should look in the first layer, for the keyword loss.
+
+    Every colour or pattern word of a question (after the image) should attend, with head 0 of the first
+    decoder layer, evenly to the patches of the objects that have that colour or pattern (to ``<s>`` if none
+    has): the question's words find their objects before the answer position gathers them.
+
+    Returns:
+        ``rows`` and ``positions``, long ``(K,)``, the keyword tokens, and their targets ``(K, L)``.
+    """
+    colors, patterns = set(COLORS), set(PATTERNS)
+    tokens = tokenizer.convert_ids_to_tokens(ids.flatten().tolist())
+    length = ids.shape[1]
+    first = (ids != PAD_TOKEN_ID).long().argmax(dim=1)
+    rows, positions, targets = [], [], []
+    row = 0
+    for b, per_image in enumerate(questions):
+        for _ in per_image:
+            places = torch.nonzero(ids[row] == IMAGE_TOKEN_ID).squeeze(1)  # left padding shifts them per row
+            after = int(places[-1]) + 1
+            for position in range(after, length):
+                word = tokens[row * length + position]
+                if word not in colors and word not in patterns:
+                    continue
+                attribute = "color" if word in colors else "pattern"
+                held = [i for i, o in enumerate(scenes.scenes[b].objects) if getattr(o, attribute) == word]
+                target = torch.zeros(length)
+                where = places[torch.isin(owners[b], torch.tensor(held, dtype=torch.long))] if held else places[:0]
+                if where.numel():
+                    target[where] = 1.0 / where.numel()
+                else:
+                    target[first[row]] = 1.0
+                rows.append(row)
+                positions.append(position)
+                targets.append(target)
+            row += 1
+    if not rows:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, length)
+    return torch.tensor(rows), torch.tensor(positions), torch.stack(targets)
 
 
 def _optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -453,33 +497,12 @@ def _optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, foreach=False)
 
 
-def keyword_target(questions: list[list[Question]], ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """Where the image tokens should look first: ``(B * Q, L)`` rows spread evenly over the question's keywords.
-
-    The keywords are the words of ``question.about`` (the plural shape for ``count``), found in the prompt
-    before the image.
-    """
-    target = torch.zeros(ids.shape, dtype=torch.float32)
-    flat = [q for per in questions for q in per]
-    for row, question in enumerate(flat):
-        words = [plural(w) if question.kind == "count" else w for w in question.about]
-        keys = set(tokenizer.convert_tokens_to_ids([part for w in words for part in w.split()]))
-        first_image = int((ids[row] == IMAGE_TOKEN_ID).nonzero()[0])
-        hits = [i for i in range(first_image) if int(ids[row, i]) in keys]
-        target[row, hits] = 1.0 / len(hits)
-    return target
-
-
-PATCH_CLASSES: tuple[int, ...] = (1 + len(COLORS), 1 + len(SHAPES), 2, 9)
-"""Classes of the four per-patch targets of [`patch_targets`][tokred.bench.training.llava.patch_targets]."""
-
-
 def _patch_loss(head: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the four per-patch targets; the shape only on covered patches, and counted twice."""
+    """Cross-entropy of the three per-patch targets; the pattern counted twice, and only on covered patches."""
     parts = [p.flatten(0, 1).float() for p in torch.split(head(features), PATCH_CLASSES, dim=-1)]
     flat = targets.flatten(0, 1)
     covered = flat[:, 1] > 0
-    loss = sum(torch.nn.functional.cross_entropy(parts[i], flat[:, i]) for i in (0, 2, 3))
+    loss = sum(torch.nn.functional.cross_entropy(parts[i], flat[:, i]) for i in (0, 2))
     if covered.any():
         loss = loss + 2 * torch.nn.functional.cross_entropy(parts[1][covered], flat[covered, 1])
     return loss
@@ -537,7 +560,6 @@ def train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             patch_head = torch.nn.Linear(shape.vision_width, sum(PATCH_CLASSES)).to(device)
-            relevance_head = torch.nn.Linear(shape.text_width, 1).to(device)
         next_scene = 0
 
         def scenes_for(count: int) -> Any:
@@ -554,15 +576,13 @@ def train(
             scenes = scenes_for(config.vision_batch)
             pixels = pixel_values(scenes.images.to(device), processor)
             _set_learning_rate(optimizer, config, step, config.vision_steps, config.vision_learning_rate)
-            loss = _patch_loss(
-                patch_head, _vision_features(model, pixels), patch_targets(scenes.scenes, shape).to(device)
-            )
+            loss = _patch_loss(patch_head, _vision_features(model, pixels), patch_targets(scenes, shape).to(device))
             _update(optimizer, loss, config)
             tracker.add(**{"patch loss": loss.item()})
             tracker.step("vision", step + 1, config.vision_steps)
 
         # Phase 2: everything, on the questions.
-        heads = torch.nn.ModuleDict({"model": model, "patch": patch_head, "relevance": relevance_head})
+        heads = torch.nn.ModuleDict({"model": model, "patch": patch_head})
         optimizer = _optimizer(heads, config)
         tracker = _Log(log, config.log_every, start)
         losses: list[float] = []
@@ -574,41 +594,28 @@ def train(
             ]
             pixels = pixel_values(scenes.images.to(device), processor)
             _set_learning_rate(optimizer, config, step, config.steps, config.learning_rate)
-            answer_loss, features, states, attention, fetch = question_loss(
-                model, pixels, tokens, questions, return_features=True, return_states=True, return_attention=True
+            answer_loss, features, attention, first_layer = question_loss(
+                model, pixels, tokens, questions, return_features=True, return_attention=True
             )
             loss = answer_loss
             parts = {"answer loss": answer_loss.item()}
             if config.patch_weight > 0:
-                patch = _patch_loss(patch_head, features, patch_targets(scenes.scenes, shape).to(device))
+                patch = _patch_loss(patch_head, features, patch_targets(scenes, shape).to(device))
                 loss = loss + config.patch_weight * patch
                 parts["patch loss"] = patch.item()
-            covers = [_cover(scene, shape) for scene in scenes.scenes]
-            if config.relevance_weight > 0:
-                relevant = torch.stack(
-                    [
-                        relevant_patches(scene, q, shape, cover)
-                        for scene, cover, per in zip(scenes.scenes, covers, questions, strict=True)
-                        for q in per
-                    ]
-                ).to(device)
-                relevance = torch.nn.functional.binary_cross_entropy_with_logits(
-                    relevance_head(states).squeeze(-1).float(), relevant.float()
-                )
-                loss = loss + config.relevance_weight * relevance
-                parts["relevance loss"] = relevance.item()
+            ids, mask = tokens.batch(questions, torch.device("cpu"))
+            owners = patch_owners(scenes, shape)
             if config.attention_weight > 0:
-                ids, mask = tokens.batch(questions, torch.device("cpu"))
-                target = attention_target(scenes.scenes, questions, mask, ids == IMAGE_TOKEN_ID, shape)
+                target = attention_target(owners, questions, mask, ids == IMAGE_TOKEN_ID)
                 looking = -(target.to(device) * (attention + 1e-9).log()).sum(-1).mean()
                 loss = loss + config.attention_weight * looking
                 parts["attention loss"] = looking.item()
             if config.keyword_weight > 0:
-                ids, _ = tokens.batch(questions, torch.device("cpu"))
-                target = keyword_target(questions, ids, processor.tokenizer).to(device).unsqueeze(1)
-                fetching = -(target * (fetch + 1e-9).log()).sum(-1).mean()
-                loss = loss + config.keyword_weight * fetching
-                parts["keyword loss"] = fetching.item()
+                rows, places, target = keyword_target(scenes, owners, questions, ids, processor.tokenizer)
+                if rows.numel():
+                    finding = -(target.to(device) * (first_layer[rows, places] + 1e-9).log()).sum(-1).mean()
+                    loss = loss + config.keyword_weight * finding
+                    parts["keyword loss"] = finding.item()
             _update(optimizer, loss, config)
             losses.append(parts["answer loss"])
             tracker.add(**parts)
@@ -658,7 +665,68 @@ def save_checkpoint(model: Any, processor: Any, folder: str | Path) -> Path:
     return folder
 
 
-def write_card(folder: str | Path, result: TrainResult, *, command: str, device: str = "cpu") -> dict[str, Any]:
+def diagnose(
+    model: Any, processor: Any, held_out: Any, *, probe_questions: tuple[int, int] = (1500, 500)
+) -> dict[str, Any]:
+    """What the card records about a trained LLaVA before any reducer is measured.
+
+    * ``probe``: the accuracy of a linear probe on the answer position's state after each decoder layer
+      ([`llava_layer_features`][tokred.bench.training.probes.llava_layer_features]) predicting the answer word,
+      fitted on ``train`` questions and measured on ``validation`` ones: where the answer forms.
+    * ``evidence_patches``: per question kind, how many visual tokens the objects holding the answer cover at
+      least half of (held-out questions with such objects): how spread the evidence is.
+
+    Args:
+        model: The trained model, eval mode, nothing attached.
+        processor: Its processor.
+        held_out: The held-out question set.
+        probe_questions: ``train`` and ``validation`` questions of the probes.
+    """
+    size = model.config.vision_config.image_size
+    patch = model.config.vision_config.patch_size
+    fit = make_questions(probe_questions[0], split="train", image_size=size)
+    check = make_questions(probe_questions[1], split="validation", image_size=size)
+    words = {word: i for i, word in enumerate(ANSWERS)}
+
+    def labels(questions: Any) -> torch.Tensor:
+        return torch.tensor([words[q.answer] for q in questions.questions])
+
+    fit_features = llava_layer_features(model, encode(fit, processor, 50))
+    check_features = llava_layer_features(model, encode(check, processor, 50))
+    probe = [
+        round(linear_probe_accuracy(a, labels(fit), b, labels(check), classes=len(ANSWERS)), 3)
+        for a, b in zip(fit_features, check_features, strict=True)
+    ]
+    covered = torch.nn.functional.avg_pool2d(held_out.masks.float(), patch).flatten(2) >= 0.5  # (N, K, n)
+    evidence: dict[str, list[int]] = {}
+    for row, question in enumerate(held_out.questions):
+        if question.objects:
+            count = int(covered[row, list(question.objects)].any(0).sum())
+            evidence.setdefault(question.kind, []).append(count)
+    return {
+        "probe": {
+            "what": "linear probe on the answer position after each decoder layer, predicting the answer word "
+            "(train questions fitted, validation measured)",
+            "train_questions": probe_questions[0],
+            "eval_questions": probe_questions[1],
+            "accuracy_after_layer": probe,
+        },
+        "evidence_patches": {
+            "what": f"visual tokens ({patch} px patches) that the objects holding the answer cover at least half of",
+            "of": (size // patch) ** 2,
+            "mean_by_kind": {kind: round(sum(v) / len(v), 1) for kind, v in evidence.items()},
+        },
+    }
+
+
+def write_card(
+    folder: str | Path,
+    result: TrainResult,
+    *,
+    command: str,
+    device: str = "cpu",
+    probe_questions: tuple[int, int] = (1500, 500),
+) -> dict[str, Any]:
     """Evaluate the checkpoint in ``folder`` as users load it and write its card (``card.json``) there.
 
     The model is loaded with [`load_reference_model`][tokred.bench.reference.llava.load_reference_model] (fp16 weights
@@ -672,6 +740,8 @@ def write_card(folder: str | Path, result: TrainResult, *, command: str, device:
         result: The training run that produced it.
         command: The command line that produced it.
         device: The device it was trained on.
+        probe_questions: ``train`` and ``validation`` questions of the card's probes
+            ([`diagnose`][tokred.bench.training.llava.diagnose]).
 
     Returns:
         The card.
@@ -686,6 +756,7 @@ def write_card(folder: str | Path, result: TrainResult, *, command: str, device:
     questions = make_questions(HELD_OUT_QUESTIONS, split="test", image_size=shape.image_size)
     full = evaluate(model, processor, questions, batch_size=50)
     small = score(questions.questions[:SMALL_HELD_OUT_QUESTIONS], full.predictions[:SMALL_HELD_OUT_QUESTIONS])
+    diagnostics = diagnose(model, processor, questions, probe_questions=probe_questions)
     parameters = sum(p.numel() for p in model.parameters())
     card = {
         "name": "tokred llava_scenes",
@@ -725,6 +796,7 @@ def write_card(folder: str | Path, result: TrainResult, *, command: str, device:
             "per_kind": full.per_kind,
             "small": {"questions": small.examples, "accuracy": small.accuracy, "per_kind": small.per_kind},
         },
+        "diagnostics": diagnostics,
         "training": {
             "command": command,
             "device": device,

@@ -15,12 +15,15 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 
 from tokred.core.errors import InvalidInputError
 
-__all__ = ["linear_probe_accuracy", "vim_block_features"]
+__all__ = ["linear_probe_accuracy", "llava_layer_features", "vim_block_features"]
 
 
 def linear_probe_accuracy(
@@ -104,4 +107,22 @@ def vim_block_features(model: nn.Module, images: torch.Tensor, *, batch_size: in
             stream = residual + hidden.to(residual.dtype)
             per_block.append(model.norm_f(stream)[:, model.cls_index])
         outputs.append(torch.stack(per_block))
+    return torch.cat(outputs, dim=1)
+
+
+@torch.no_grad()
+def llava_layer_features(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The decoder's state at the answer position after every layer of a LLaVA: ``(layers, N, D)``.
+
+    Entry ``k`` is the output of decoder layer ``k + 1`` at the last prompt position (the one whose logits give
+    the answer); the last entry is after the final norm, as the head sees it.
+
+    Args:
+        model: A ``LlavaForConditionalGeneration`` in eval mode, nothing attached.
+        batches: Processor outputs (``input_ids``, ``attention_mask``, ``pixel_values``), left-padded.
+    """
+    outputs = []
+    for inputs in batches:
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # embeddings, then one per layer
+        outputs.append(torch.stack([h[:, -1] for h in hidden[1:]]))
     return torch.cat(outputs, dim=1)

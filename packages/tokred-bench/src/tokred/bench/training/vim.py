@@ -1,4 +1,4 @@
-"""Training the reference Vim on procedural scenes, deterministically, on the CPU.
+"""Training the reference Vim on pattern scenes, deterministically, on the CPU.
 
 Every hyper-parameter is a field of [`TrainConfig`][tokred.bench.training.vim.TrainConfig];
 [`train`][tokred.bench.training.vim.train] does the rest. Training scenes are rendered on the fly from the ``train``
@@ -40,17 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokred.bench import pattern_scenes, scenes
 from tokred.bench.reference import CARD_NAME
 from tokred.bench.reference.vim import REFERENCE_MODEL, REFERENCE_WEIGHTS
-from tokred.bench.scenes import NUM_CLASSES, SceneSet
+from tokred.bench.scenes import NUM_CLASSES, SceneSet, make_scenes
 from tokred.bench.training.probes import linear_probe_accuracy, vim_block_features
 from tokred.core.errors import InvalidInputError
 from tokred.mamba.models import create_model
 
 __all__ = [
     "PATCH_CLASSES",
-    "SCENE_SOURCES",
     "TrainConfig",
     "TrainResult",
     "augment",
@@ -65,10 +63,6 @@ __all__ = [
     "patch_labels",
     "train",
 ]
-
-SCENE_SOURCES: dict[str, Any] = {"shapes": scenes, "patterns": pattern_scenes}
-"""The scene generators a run can train on, by name: small shapes ([`tokred.bench.scenes`][tokred.bench.scenes])
-or large patterned objects ([`tokred.bench.pattern_scenes`][tokred.bench.pattern_scenes]); both have 24 classes."""
 
 PATCH_CLASSES = 2 * NUM_CLASSES + 1
 """Classes of the auxiliary per-patch task: the target's class, a distractor's class (``+ NUM_CLASSES``), or
@@ -115,7 +109,6 @@ class TrainConfig:
         eval_batch_size: Batch size of the validation passes.
         device: Where to train (``"cpu"``; ``"cuda"`` for quick experiments, which are not reproducible
             bit for bit on the CPU).
-        scenes: The scene generator, a key of [`SCENE_SOURCES`][tokred.bench.training.vim.SCENE_SOURCES].
         aux_anneal: None keeps the auxiliary losses at their weights throughout; a fraction ``f`` lowers both
             linearly to zero at step ``f · steps`` and leaves the class-token loss alone after it, so that the
             model ends trained on its real objective.
@@ -125,13 +118,13 @@ class TrainConfig:
     """
 
     model: str = REFERENCE_MODEL
-    model_overrides: Mapping[str, Any] = field(default_factory=dict)
-    steps: int = 600
+    model_overrides: Mapping[str, Any] = field(default_factory=lambda: {"drop_path_rate": 0.05})
+    steps: int = 1000
     batch_size: int = 32
     train_scenes: int | None = None
-    lr: float = 4e-3
+    lr: float = 3e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
@@ -143,12 +136,11 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = 1
     val_scenes: int = 256
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batch_size: int = 128
     device: str = "cpu"
-    scenes: str = "shapes"
-    aux_anneal: float | None = None
-    augment: bool = False
+    aux_anneal: float | None = 0.5
+    augment: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -191,71 +183,43 @@ def build_model(config: TrainConfig) -> nn.Module:
 def patch_labels(scenes: SceneSet, patch_size: int, *, min_fraction: float = 0.2) -> torch.Tensor:
     """What each non-overlapping patch of each scene shows, for the auxiliary loss: long ``(B, P)``, row-major.
 
-    A pixel belongs to an object when it is saturated (every object colour is, the background and its
-    speckles are grey) and then to the object whose centre is nearest. A patch takes the label of the object
-    owning most of its pixels when that object covers at least ``min_fraction`` of it: the object's class for
-    the target, its class ``+ NUM_CLASSES`` for a distractor; else background (``2 · NUM_CLASSES``).
-
-    Scenes that carry their objects' masks ([`tokred.bench.pattern_scenes`][tokred.bench.pattern_scenes]) are
-    labelled from the masks instead, which follow any augmentation applied to them.
+    A patch takes the label of the object whose visible pixels (the scenes' masks, which follow any
+    augmentation applied to them) cover most of it, when that object covers at least ``min_fraction`` of it: the
+    object's class for the target, its class ``+ NUM_CLASSES`` for a smaller object; else background
+    (``2 · NUM_CLASSES``).
 
     Args:
-        scenes: Rendered scenes ``(B, 3, H, W)`` with their ground truth.
+        scenes: Rendered scenes ``(B, 3, H, W)`` with their masks and ground truth.
         patch_size: Patch side in pixels; must divide the image side.
         min_fraction: Least share of a patch an object must cover to name it.
     """
-    if getattr(scenes, "masks", None) is not None:
-        return _patch_labels_from_masks(scenes, patch_size, min_fraction)
-    images = scenes.images
-    batch, _, height, width = images.shape
-    most = max(len(scene.objects) for scene in scenes.scenes)
-    centers = torch.full((batch, most, 2), 1e6)
-    labels = torch.full((batch, most), PATCH_CLASSES - 1, dtype=torch.long)
-    for row, scene in enumerate(scenes.scenes):
-        for k, obj in enumerate(scene.objects):
-            centers[row, k] = torch.tensor(obj.center)
-            labels[row, k] = obj.label + (0 if k == 0 else NUM_CLASSES)
-    coords = torch.arange(height, dtype=torch.float32) + 0.5
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    distance = (xs - centers[..., 0, None, None]).square() + (ys - centers[..., 1, None, None]).square()
-    owner = distance.argmin(1)  # (B, H, W)
-    saturated = (images.amax(1) - images.amin(1)) > 0.2  # (B, H, W)
-    share = torch.zeros(batch, most, height, width)
-    share.scatter_(1, owner[:, None], saturated[:, None].float())
-    share = F.avg_pool2d(share, patch_size).flatten(2)  # (B, K, P)
-    fraction, winner = share.max(1)
-    label = labels.gather(1, winner)
-    return torch.where(fraction >= min_fraction, label, torch.full_like(label, PATCH_CLASSES - 1))
-
-
-def _patch_labels_from_masks(scenes: Any, patch_size: int, min_fraction: float) -> torch.Tensor:
     labels = torch.full((len(scenes), scenes.masks.shape[1]), PATCH_CLASSES - 1, dtype=torch.long)
     for row, scene in enumerate(scenes.scenes):
         for k, obj in enumerate(scene.objects):
             labels[row, k] = obj.label + (0 if k == 0 else NUM_CLASSES)
-    fraction, winner = F.avg_pool2d(scenes.masks.float(), patch_size).flatten(2).max(1)  # (B, P)
+    fraction, winner = scenes.patch_coverage(patch_size).max(1)  # (B, P)
     label = labels.gather(1, winner)
     return torch.where(fraction >= min_fraction, label, torch.full_like(label, PATCH_CLASSES - 1))
 
 
-def augment(scenes: Any, generator: torch.Generator) -> Any:
+def augment(scenes: SceneSet, generator: torch.Generator) -> SceneSet:
     """DeiT-style augmentation of a batch, image by image: random resized crop, horizontal flip, random erasing.
 
     The crop keeps 50-100% of the area at an aspect ratio of 3/4 to 4/3 and is resized back to the image size;
-    half the images are mirrored; a quarter get a rectangle of 2-20% of the area replaced by noise. Masks, where
-    the scenes carry them, are cropped and mirrored alike (erasing leaves them: the object is still there).
+    half the images are mirrored; a quarter get a rectangle of 2-20% of the area replaced by noise. The masks are
+    cropped and mirrored alike (erasing leaves them: the object is still there).
 
     Args:
-        scenes: A batch with ``images`` ``(B, 3, H, W)`` (and ``masks`` ``(B, K, H, W)``, optional).
+        scenes: A batch, images ``(B, 3, H, W)`` and masks ``(B, K, H, W)``.
         generator: The source of every random draw.
 
     Returns:
-        A batch of the same type with new images (and masks); the ground truth is unchanged.
+        A batch with new images and masks; the ground truth is unchanged.
     """
     images = scenes.images
-    masks = getattr(scenes, "masks", None)
+    masks = scenes.masks
     size = images.shape[-1]
-    out_images, out_masks = images.clone(), None if masks is None else masks.clone()
+    out_images, out_masks = images.clone(), masks.clone()
 
     def draw(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
@@ -271,8 +235,7 @@ def augment(scenes: Any, generator: torch.Generator) -> Any:
 
         box = (top, left, height, width)
         out_images[row] = _crop_resize(images[row], box, flip, "bilinear")
-        if out_masks is not None:
-            out_masks[row] = _crop_resize(masks[row], box, flip, "nearest") > 0.5
+        out_masks[row] = _crop_resize(masks[row], box, flip, "nearest") > 0.5
         if torch.rand((), generator=generator) < 0.25:
             erase = draw(0.02, 0.2) * size * size
             aspect = math.exp(draw(math.log(0.3), math.log(3.3)))
@@ -280,9 +243,7 @@ def augment(scenes: Any, generator: torch.Generator) -> Any:
             y0 = int(torch.randint(size - eh + 1, (), generator=generator))
             x0 = int(torch.randint(size - ew + 1, (), generator=generator))
             out_images[row, :, y0 : y0 + eh, x0 : x0 + ew] = torch.rand((3, eh, ew), generator=generator)
-    if out_masks is None:
-        return type(scenes)(out_images, scenes.scenes)
-    return type(scenes)(out_images, out_masks, scenes.scenes)
+    return SceneSet(out_images, out_masks, scenes.scenes)
 
 
 def _crop_resize(t: torch.Tensor, box: tuple[int, int, int, int], flip: bool, mode: str) -> torch.Tensor:
@@ -294,18 +255,14 @@ def _crop_resize(t: torch.Tensor, box: tuple[int, int, int, int], flip: bool, mo
     return part.flip(-1) if flip else part
 
 
-def _batch(pool: Any, step: int, config: TrainConfig, image_size: int) -> Any:
+def _batch(pool: SceneSet | None, step: int, config: TrainConfig, image_size: int) -> SceneSet:
     """The scenes of optimiser step ``step``: fresh from the stream, or the next slice of a cycled pool."""
     batch_size = config.batch_size
     if pool is None:
-        batch = SCENE_SOURCES[config.scenes].make_scenes(
-            batch_size, split="train", start=step * batch_size, image_size=image_size
-        )
+        batch = make_scenes(batch_size, split="train", start=step * batch_size, image_size=image_size)
     else:
         index = torch.arange(step * batch_size, (step + 1) * batch_size) % len(pool)
-        masks = getattr(pool, "masks", None)
-        fields = (pool.images[index],) + (() if masks is None else (masks[index],))
-        batch = type(pool)(*fields, tuple(pool.scenes[i] for i in index.tolist()))
+        batch = SceneSet(pool.images[index], pool.masks[index], tuple(pool.scenes[i] for i in index.tolist()))
     if config.augment:
         batch = augment(batch, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
     return batch
@@ -421,9 +378,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
 def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     if config.steps < 1 or config.batch_size < 1:
         raise InvalidInputError(f"steps and batch_size must be positive; got {config.steps} and {config.batch_size}")
-    if config.scenes not in SCENE_SOURCES:
-        raise InvalidInputError(f"unknown scenes {config.scenes!r}; expected one of {sorted(SCENE_SOURCES)}")
-    source = SCENE_SOURCES[config.scenes]
     start = time.perf_counter()
     device = torch.device(config.device)
     model = build_model(config).to(device).train()
@@ -436,7 +390,7 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
         groups[1]["params"].append(patch_head.bias)
         patch_index = torch.tensor([p if p < model.cls_index else p + 1 for p in range(model.num_patches)])
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-    val = source.make_scenes(config.val_scenes, split="validation", image_size=size)
+    val = make_scenes(config.val_scenes, split="validation", image_size=size)
     shift, scale = config.input_shift, config.input_scale
     val_images, val_labels = ((val.images - shift) / scale).to(device), val.labels.to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -446,7 +400,7 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     best = (-1.0, 0, None)  # (accuracy, step, state dict)
     pool = None
     if config.train_scenes is not None:
-        pool = source.make_scenes(config.train_scenes, split="train", image_size=size)
+        pool = make_scenes(config.train_scenes, split="train", image_size=size)
     for step in range(config.steps):
         batch = _batch(pool, step, config, size)
         aux = aux_weight(config, step)
@@ -506,8 +460,7 @@ def _train(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
 @torch.no_grad()
 def diagnose(
     model: nn.Module,
-    source: str,
-    held_out: Any,
+    held_out: SceneSet,
     predicted: torch.Tensor,
     *,
     probe_train: int = 2000,
@@ -519,24 +472,22 @@ def diagnose(
     * ``probe``: the accuracy of a linear probe on the class token after each block
       ([`linear_probe_accuracy`][tokred.bench.training.probes.linear_probe_accuracy]), fitted on ``train`` scenes
       and measured on ``validation`` scenes: where the label forms.
-    * ``target_patches`` (pattern scenes): how many patches the target covers at least half of, over the
-      held-out scenes: how spread the evidence is.
-    * ``accuracy_by``: held-out accuracy per colour and per pattern (or shape) of the target, and per number of
-      objects in the scene.
+    * ``target_patches``: how many patches the target covers at least half of, over the held-out scenes: how
+      spread the evidence is.
+    * ``accuracy_by``: held-out accuracy per colour and per pattern of the target, and per number of objects in
+      the scene.
 
     Args:
         model: The trained model, eval mode, no reduction.
-        source: The key of [`SCENE_SOURCES`][tokred.bench.training.vim.SCENE_SOURCES] it was trained on.
         held_out: The held-out ``test`` scenes.
         predicted: The model's predictions on them ``(B,)``.
         probe_train: ``train`` scenes the probes are fitted on.
         probe_eval: ``validation`` scenes they are measured on.
         batch_size: Images per forward pass.
     """
-    generator = SCENE_SOURCES[source]
     size = model.img_size
-    fit = generator.make_scenes(probe_train, split="train", image_size=size)
-    check = generator.make_scenes(probe_eval, split="validation", image_size=size)
+    fit = make_scenes(probe_train, split="train", image_size=size)
+    check = make_scenes(probe_eval, split="validation", image_size=size)
     fit_features = vim_block_features(model, fit.images, batch_size=batch_size)
     check_features = vim_block_features(model, check.images, batch_size=batch_size)
     probe = [
@@ -544,7 +495,6 @@ def diagnose(
         for a, b in zip(fit_features, check_features, strict=True)
     ]
     correct = (predicted == held_out.labels).float()
-    kind = "pattern" if source == "patterns" else "shape"
 
     def accuracy_by(key: Any) -> dict[str, float]:
         groups: dict[str, list[float]] = {}
@@ -561,29 +511,19 @@ def diagnose(
         },
         "accuracy_by": {
             "color": accuracy_by(lambda scene: scene.target.color),
-            kind: accuracy_by(lambda scene: getattr(scene.target, kind)),
+            "pattern": accuracy_by(lambda scene: scene.target.pattern),
             "objects": accuracy_by(lambda scene: len(scene.objects)),
         },
     }
-    if hasattr(held_out, "patch_coverage"):
-        half = (held_out.patch_coverage(model.patch_size)[:, 0] >= 0.5).sum(-1).float()
-        out["target_patches"] = {
-            "what": f"patches of {model.patch_size} px the target covers at least half of",
-            "of": model.num_patches,
-            "mean": round(float(half.mean()), 1),
-            "min": int(half.min()),
-            "max": int(half.max()),
-        }
+    half = (held_out.patch_coverage(model.patch_size)[:, 0] >= 0.5).sum(-1).float()
+    out["target_patches"] = {
+        "what": f"patches of {model.patch_size} px the target covers at least half of",
+        "of": model.num_patches,
+        "mean": round(float(half.mean()), 1),
+        "min": int(half.min()),
+        "max": int(half.max()),
+    }
     return out
-
-
-_TASKS = {
-    "shapes": "classify the large target object of a procedural scene (tokred.bench.scenes): shape x colour, "
-    "24 classes, {size} px images in [0, 1], 1 to 4 small distractors",
-    "patterns": "classify the large target object of a pattern scene (tokred.bench.pattern_scenes): colour x "
-    "pattern, 24 classes, {size} px images in [0, 1], the target covering 30-60% of the image, 0 to 2 smaller "
-    "objects and grey patterned clutter",
-}
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
@@ -634,7 +574,7 @@ def export_reference(
     loaded = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict({key: value.float() for key, value in loaded.items()}, strict=True)
     model.eval()
-    scenes = SCENE_SOURCES[config.scenes].make_scenes(held_out, split="test", image_size=model.img_size)
+    scenes = make_scenes(held_out, split="test", image_size=model.img_size)
     with torch.no_grad():
         predicted = torch.cat(
             [model(scenes.images[i : i + batch_size]).argmax(-1) for i in range(0, held_out, batch_size)]
@@ -651,12 +591,13 @@ def export_reference(
             "bytes": weights.stat().st_size,
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         },
-        "task": _TASKS[config.scenes].format(size=model.img_size),
+        "task": "classify the large target object of a pattern scene (tokred.bench.scenes): colour x "
+        f"pattern, 24 classes, {model.img_size} px images in [0, 1], the target covering 30-60% of the image, 0 "
+        "to 2 smaller objects, grey patterned clutter",
         "held_out": {"split": "test", "scenes": held_out, "accuracy": int(correct.sum()) / held_out},
         "held_out_small": {"split": "test", "scenes": small, "accuracy": int(correct[:small].sum()) / small},
         "diagnostics": diagnose(
             model,
-            config.scenes,
             scenes,
             predicted,
             probe_train=probe_scenes[0],
