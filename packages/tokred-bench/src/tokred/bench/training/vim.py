@@ -7,8 +7,8 @@ the best accuracy on ``validation`` scenes, checked every ``eval_every`` steps a
 ``test`` split is never touched here.
 
 Runs are deterministic for a given thread count: the weights are drawn after ``torch.manual_seed(seed)``, the
-data depend only on the step, and nothing else is random (no dropout, no augmentation). On the CPU, gradients go
-through the chunked scan's own hand-written backward (see
+data and their augmentation depend only on the seed and the step, and drop-path draws from the seeded global
+generator in a fixed order. On the CPU, gradients go through the chunked scan's own hand-written backward (see
 [`selective_scan_chunked`][tokred.mamba.ops.selective_scan_chunked]), several times faster than autograd through
 the forward recurrence.
 
@@ -94,7 +94,7 @@ class TrainConfig:
             dense signal teaches the blocks colours and shapes long before the single class-token label does; the head
             is discarded.
         token_loss_weight: Weight of an auxiliary loss that has every final token, not only the class token,
-            predict the scene's label through the model's head (0: none): 65 tokens learn to gather the
+            predict the scene's label through the model's head (0: none): all 197 tokens learn to gather the
             answer along the sequence where one would.
         input_shift: Subtracted from the images during training (they are in ``[0, 1]``, mostly grey).
         input_scale: The shifted images are divided by it during training. Standardised inputs train faster;
