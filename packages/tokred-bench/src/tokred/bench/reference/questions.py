@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from tokred.bench.scenes import COLORS, MAX_OBJECTS, PATTERNS, Scene, make_scenes
+from tokred.bench.scenes import COLORS, MAX_OBJECTS, PATTERNS, Scene, SceneObject, make_scenes
 from tokred.core.errors import InvalidInputError
 
 __all__ = [
@@ -123,8 +124,8 @@ def _unique(scene: Scene, attribute: str) -> list[int]:
     return [i for i, value in enumerate(values) if values.count(value) == 1]
 
 
-def _matching(scene: Scene, test: object) -> tuple[int, ...]:
-    return tuple(i for i, o in enumerate(scene.objects) if test(o))  # type: ignore[operator]
+def _matching(scene: Scene, test: Callable[[SceneObject], bool]) -> tuple[int, ...]:
+    return tuple(i for i, o in enumerate(scene.objects) if test(o))
 
 
 def ask(scene: Scene, kind: str, *, seed: int = 0, draw: int = 0) -> Question | None:
@@ -149,18 +150,15 @@ def ask(scene: Scene, kind: str, *, seed: int = 0, draw: int = 0) -> Question | 
         raise InvalidInputError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
     rng = _rng(scene, kind, seed, draw)
     objects = scene.objects
-    if kind == "color":
-        options = _unique(scene, "pattern")
+    if kind in ("color", "pattern"):
+        # Ask for one attribute of the object named by the other, which must be unique in the scene.
+        named = "pattern" if kind == "color" else "color"
+        options = _unique(scene, named)
         if not options:
             return None
         i = rng.choice(options)
-        return Question(kind, f"what color is the {objects[i].pattern} object?", objects[i].color, (i,))
-    if kind == "pattern":
-        options = _unique(scene, "color")
-        if not options:
-            return None
-        i = rng.choice(options)
-        return Question(kind, f"what pattern is the {objects[i].color} object?", objects[i].pattern, (i,))
+        text = f"what {kind} is the {getattr(objects[i], named)} object?"
+        return Question(kind, text, getattr(objects[i], kind), (i,))
     if kind == "exists":
         present = sorted({(o.color, o.pattern) for o in objects})
         if rng.random() < 0.5:
@@ -213,7 +211,7 @@ def questions_for_scene(scene: Scene, per_kind: int = 1, *, seed: int = 0, total
         draw = per_kind
         while len(questions) < total:
             kind = ("exists", "count")[(draw - per_kind) % 2]
-            questions.append(ask(scene, kind, seed=seed, draw=draw))  # type: ignore[arg-type]
+            questions.append(ask(scene, kind, seed=seed, draw=draw))  # type: ignore[arg-type]  # always askable
             draw += 1
         questions = questions[:total]
     return questions

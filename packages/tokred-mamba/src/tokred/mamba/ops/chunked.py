@@ -401,6 +401,24 @@ def _scan_backward(
     return ddelta, dx, None if da is None else da.t(), db, dc, y
 
 
+def _skip_and_gate(
+    ys: torch.Tensor,
+    u: torch.Tensor,
+    skip: torch.Tensor | None,
+    z: torch.Tensor | None,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(ys + skip·u) ⊙ silu(z)`` into a fresh contiguous ``(B, D, L)`` tensor; ``work`` may take ``silu(z)``."""
+    y = u.new_empty(u.shape)
+    if skip is None:
+        y.copy_(ys)
+    else:
+        torch.addcmul(ys, u, skip[:, None], out=y)
+    if z is not None:
+        y.mul_(F.silu(z) if work is None else torch.ops.aten.silu.out(z, out=work))
+    return y
+
+
 class _StatefulScan(torch.autograd.Function):
     """The whole scan with a hand-written backward: ``y = (Σ_n C_t h_t + D u) ⊙ silu(z)``.
 
@@ -435,14 +453,7 @@ class _StatefulScan(torch.autograd.Function):
         ys = _scan_buffered(delta, x, a, b, c, chunk_size, block_elements, starts)
         # Contiguous in the caller's layout: whatever follows is elementwise, and mixed strides would slow it
         # (and its backward) several times.
-        y = u.new_empty(u.shape)
-        if skip is None:
-            y.copy_(ys)
-        else:
-            torch.addcmul(ys, u, skip[:, None], out=y)
-        if z is not None:
-            y.mul_(torch.ops.aten.silu.out(z, out=work))  # x is spent
-        return y, starts
+        return _skip_and_gate(ys, u, skip, z, work), starts  # x is spent: its scratch takes silu(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -626,14 +637,7 @@ def _chunked(
         # The buffered scan returns a transposed view of scratch memory: the skip (or a copy) writes it into
         # the contiguous output, which the gate then updates in place.
         ys = _scan_buffered(delta, x, A, B, C, chunk_size, block_elements)
-        y = u.new_empty(u.shape)
-        if skip is None:
-            y.copy_(ys)
-        else:
-            torch.addcmul(ys, u, skip[:, None], out=y)
-        if gate is not None:
-            y.mul_(F.silu(gate))
-        return y.to(out_dtype)
+        return _skip_and_gate(ys, u, skip, gate).to(out_dtype)
     y = _scan_functional(delta, delta * u, A, B, C, chunk_size)
     if skip is not None:
         y = torch.addcmul(y, u, skip[:, None])
