@@ -6,8 +6,8 @@ Reproduces ``packages/tokred-bench/src/tokred/bench/assets/vim_scenes/`` (``vim_
 
 Every hyper-parameter is a default of ``tokred.bench.training.vim.TrainConfig``; this script only picks
 the thread count and the output folder, trains, saves fp16 weights, measures the saved model on held-out
-``test`` scenes and writes the card. The committed weights were made with one thread (about 12.5 minutes on
-the project's shared 2-core machine); another thread count sums in another order and gives slightly
+``test`` scenes and writes the card. The committed weights were made with one thread, on the project's
+shared 2-core machine, in about 65-80 minutes; another thread count sums in another order and gives slightly
 different weights.
 """
 

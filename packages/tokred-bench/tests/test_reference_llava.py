@@ -26,7 +26,7 @@ from tokred.bench.reference.llava import (
     prompt,
     to_pil,
 )
-from tokred.bench.reference.questions import QUESTION_KINDS, WORDS, make_questions, questions_for_scene
+from tokred.bench.reference.questions import QUESTION_KINDS, WORDS, Question, make_questions, questions_for_scene
 from tokred.bench.scenes import COLORS, PATTERNS, make_scenes
 from tokred.bench.suites.vlm import EXCLUDED_REDUCERS, VLMSuite, method_names
 from tokred.bench.training.llava import (
@@ -34,6 +34,7 @@ from tokred.bench.training.llava import (
     PromptTokens,
     TrainConfig,
     attention_target,
+    color_word_positions,
     keyword_target,
     patch_owners,
     patch_targets,
@@ -152,8 +153,10 @@ def test_the_answer_position_is_taught_where_the_answer_lies():
     position = dataclasses.replace(kinds["exists"], kind="position", answer="left", objects=(1, 0))
     no = dataclasses.replace(kinds["exists"], answer="no", objects=())
     asked = [kinds["color"], count, position, no]
-    mask, image = _prompt_layout(len(asked))
-    target = attention_target(owners[b : b + 1], [asked], mask, image)  # (4, 2, 40)
+    mask, image = _prompt_layout(len(asked), length=46)
+    color_words = torch.zeros_like(image)
+    color_words[:, [41, 44]] = True  # "is the red object left or right of the blue object?"
+    target = attention_target(owners[b : b + 1], [asked], mask, image)  # (4, 2, 46)
     torch.testing.assert_close(target.sum(-1), torch.ones(4, 2))
     patches = [torch.nonzero(owners[b] == i).squeeze(1) + 3 for i in range(2)]
     (named,) = asked[0].objects
@@ -164,6 +167,27 @@ def test_the_answer_position_is_taught_where_the_answer_lies():
         assert target[1, head, 1] == pytest.approx(0.5)
     assert target[2, 0, patches[1]].sum() == pytest.approx(1) and target[2, 1, patches[0]].sum() == pytest.approx(1)
     assert target[3, 0, 1] == 1 and target[3, 1, 1] == 1  # nothing holds the answer: <s>
+    # The other recipe for a comparison: the question's first and second colour word, everything else unchanged.
+    words = attention_target(owners[b : b + 1], [asked], mask, image, color_words, position_target="color_words")
+    assert words[2, 0, 41] == 1 and words[2, 1, 44] == 1
+    assert torch.equal(words[[0, 1, 3]], target[[0, 1, 3]])
+    with pytest.raises(ValueError, match="position_target"):
+        attention_target(owners[b : b + 1], [asked], mask, image, position_target="words")
+    with pytest.raises(ValueError, match="color_words"):
+        attention_target(owners[b : b + 1], [asked], mask, image, position_target="color_words")
+
+
+def test_the_colour_words_of_a_comparison_are_found_in_order():
+    shape = ModelShape(image_size=48, patch_size=8)
+    processor = build_processor(shape)
+    tokens = PromptTokens(processor, shape.visual_tokens)
+    asked = Question("position", "is the red object left or right of the blue object?", "left", (0, 1))
+    other = Question("count", "how many green objects are there?", "1", (0,))
+    ids, _ = tokens.batch([[asked, other]], torch.device("cpu"))
+    found = color_word_positions(ids, processor.tokenizer)
+    words = [processor.tokenizer.convert_ids_to_tokens(ids[r, found[r]].tolist()) for r in range(2)]
+    assert words == [["red", "blue"], ["green"]]
+    assert not found[ids == IMAGE_TOKEN_ID].any()
 
 
 def test_the_question_words_are_taught_to_find_their_objects():

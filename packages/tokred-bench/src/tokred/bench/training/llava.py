@@ -20,8 +20,9 @@ benchmarks measure training-free reduction), their small heads are discarded, an
     to the patches of the objects with that colour or pattern
     ([`keyword_target`][tokred.bench.training.llava.keyword_target]);
   - *attention*: heads 0 and 1 of the last decoder layer, at the answer position, should attend to the
-    patches of the objects that hold the answer, a count's mass per object, a comparison's two objects one per
-    head ([`attention_target`][tokred.bench.training.llava.attention_target]).
+    patches of the objects that hold the answer, a count's mass per object, a comparison's two objects (or,
+    with ``position_target="color_words"``, the question's two colour words) one per head
+    ([`attention_target`][tokred.bench.training.llava.attention_target]).
 
 The vision tower runs once per image and its output is shared by the image's questions; everything else is
 exactly ``model(**processor(...))`` of each (question, image) prompt (a test checks the logits agree).
@@ -76,6 +77,8 @@ from tokred.bench.scenes import COLORS, MAX_OBJECTS, PATTERNS, SceneSet, make_sc
 from tokred.bench.training.probes import linear_probe_accuracy, llava_layer_features
 from tokred.core.errors import InvalidInputError
 
+_POSITION_TARGETS = ("objects", "color_words")
+
 __all__ = [
     "HELD_OUT_QUESTIONS",
     "PATCH_CLASSES",
@@ -85,6 +88,7 @@ __all__ = [
     "TrainResult",
     "answer_ids",
     "attention_target",
+    "color_word_positions",
     "diagnose",
     "keyword_target",
     "patch_owners",
@@ -124,6 +128,10 @@ class TrainConfig:
         keyword_weight: Weight of the loss on head 0 of the first decoder layer at the question's colour and
             pattern words: cross-entropy against
             [`keyword_target`][tokred.bench.training.llava.keyword_target] (0: none).
+        position_target: Where the attention loss sends the two heads for a ``position`` question:
+            ``"objects"`` (the two objects' patches; the shipped model's recipe) or ``"color_words"`` (the
+            question's two colour words); see
+            [`attention_target`][tokred.bench.training.llava.attention_target].
         seed: Seed of the weight initialisation and of the question draws.
         threads: ``torch.set_num_threads`` during training (part of what makes a run reproducible).
         log_every: Steps between two log lines.
@@ -146,6 +154,7 @@ class TrainConfig:
     patch_weight: float = 1.0
     attention_weight: float = 1.0
     keyword_weight: float = 1.0
+    position_target: str = "objects"
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -402,7 +411,13 @@ def relevant_patches(owners: torch.Tensor, question: Question) -> torch.Tensor:
 
 
 def attention_target(
-    owners: torch.Tensor, questions: list[list[Question]], mask: torch.Tensor, image: torch.Tensor
+    owners: torch.Tensor,
+    questions: list[list[Question]],
+    mask: torch.Tensor,
+    image: torch.Tensor,
+    color_words: torch.Tensor | None = None,
+    *,
+    position_target: str = "objects",
 ) -> torch.Tensor:
     """Where heads 0 and 1 of the last layer should look from the answer position: ``(B * Q, 2, L)``, rows of 1.
 
@@ -410,7 +425,14 @@ def attention_target(
       hold the answer ([`relevant_patches`][tokred.bench.training.llava.relevant_patches]).
     * ``count``: both heads put ``1 / (MAX_OBJECTS + 1)`` on each counted object (spread over its patches) and
       the rest on ``<s>``, so the attended mass says how many there are.
-    * ``position``: head 0 on the first object named, head 1 on the second.
+    * ``position``, with ``position_target="objects"`` (the shipped model's recipe): head 0 on the first
+      object named, head 1 on the second. The shipped model's two heads learnt to look at both objects alike
+      (about 46% of each head's mass on each), so its ``position`` answers are at chance: the image comes first
+      and attention is causal, so no patch can know which colour the question names first.
+    * ``position``, with ``position_target="color_words"``: head 0 on the question's first colour word, head 1
+      on its second. The colour words can tell first from second, and the keyword loss
+      ([`keyword_target`][tokred.bench.training.llava.keyword_target]) teaches each of them to gather its
+      object's patches (their columns included) in the first layer.
     * No object holds the answer (a ``no``, a ``0``): all on ``<s>``.
 
     Args:
@@ -418,7 +440,18 @@ def attention_target(
         questions: ``B`` lists of ``Q`` questions.
         mask: ``(B * Q, L)`` padding mask of the prompts.
         image: Bool ``(B * Q, L)``: the image positions.
+        color_words: Bool ``(B * Q, L)``: the positions of the question's colour words
+            ([`color_word_positions`][tokred.bench.training.llava.color_word_positions]); needed with
+            ``position_target="color_words"``.
+        position_target: ``"objects"`` or ``"color_words"``, where a comparison's two heads should look.
+
+    Raises:
+        InvalidInputError: On an unknown ``position_target``, or ``"color_words"`` without ``color_words``.
     """
+    if position_target not in _POSITION_TARGETS:
+        raise InvalidInputError(f"position_target must be one of {_POSITION_TARGETS}, not {position_target!r}")
+    if position_target == "color_words" and color_words is None:
+        raise InvalidInputError('position_target="color_words" needs the colour-word positions (color_words)')
     first = mask.long().argmax(dim=1)  # position of <s> in each left-padded row
     target = torch.zeros((mask.shape[0], 2, mask.shape[1]), dtype=torch.float32)
     row = 0
@@ -427,9 +460,14 @@ def attention_target(
             places = torch.nonzero(image[row]).squeeze(1)
             groups = [places[owners[b] == i] for i in question.objects]
             groups = [g for g in groups if g.numel()]
+            words = torch.nonzero(color_words[row]).squeeze(1) if color_words is not None else None
             for head in (0, 1):
-                if question.kind == "position" and len(groups) == 2:
+                if question.kind == "position" and position_target == "objects" and len(groups) == 2:
                     target[row, head, groups[head]] = 1.0 / groups[head].numel()
+                elif question.kind == "position" and words is not None and position_target == "color_words":
+                    if words.numel() != 2:
+                        raise InvalidInputError(f"a position question names two colours: {question.text!r}")
+                    target[row, head, words[head]] = 1.0
                 elif question.kind == "count":
                     for group in groups:
                         target[row, head, group] += 1.0 / (MAX_OBJECTS + 1) / group.numel()
@@ -441,6 +479,17 @@ def attention_target(
                     target[row, head, first[row]] = 1.0
             row += 1
     return target
+
+
+def color_word_positions(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Bool ``(B * Q, L)``: where the prompts ``ids`` hold a colour word (after the image).
+
+    Args:
+        ids: Long ``(B * Q, L)`` prompt tokens.
+        tokenizer: The reference tokenizer (one token per word).
+    """
+    color_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(COLORS)), dtype=torch.long)
+    return torch.isin(ids, color_ids)
 
 
 def keyword_target(
@@ -606,7 +655,10 @@ def train(
             ids, mask = tokens.batch(questions, torch.device("cpu"))
             owners = patch_owners(scenes, shape)
             if config.attention_weight > 0:
-                target = attention_target(owners, questions, mask, ids == IMAGE_TOKEN_ID)
+                color_words = color_word_positions(ids, processor.tokenizer)
+                target = attention_target(
+                    owners, questions, mask, ids == IMAGE_TOKEN_ID, color_words, position_target=config.position_target
+                )
                 looking = -(target.to(device) * (attention + 1e-9).log()).sum(-1).mean()
                 loss = loss + config.attention_weight * looking
                 parts["attention loss"] = looking.item()
