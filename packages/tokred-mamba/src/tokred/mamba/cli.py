@@ -8,11 +8,14 @@ tokred mamba classify --model vim_small --checkpoint vim_s_midclstok_80p5acc.pth
 tokred mamba classify --model vim_scenes --reducer mtr --flops-cut 0.4 scene.png   # bundled weights
 tokred mamba eval --model vim_small --checkpoint vim_s.pth --data imagenet/val --reducer mtr --flops-cut 0.3 \
     --out results/
+torchrun --standalone --nproc_per_node 2 --no-python tokred mamba eval --model vim_scenes --data scenes/ --out out/
 ```
 
 A model is loaded with ``--checkpoint FILE``, or with the weights a package bundles for it (``vim_scenes``);
 a model with neither is refused unless ``--random-weights`` asks for random ones. Images are prepared the way
-the model's registration says (the official ImageNet transform, or the reference model's own).
+the model's registration says (the official ImageNet transform, or the reference model's own). Under torchrun,
+``eval`` splits the images across the processes and rank 0 writes the results
+([`tokred.mamba.distributed`][tokred.mamba.distributed]).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from typing import Any
 from tokred.core.cli.main import set_command
 from tokred.core.cli.options import add_device_argument, add_reducer_arguments, open_fraction, positive_int
 from tokred.core.cli.tables import format_table
-from tokred.core.errors import IncompatibleReducerError, InvalidInputError
+from tokred.core.errors import IncompatibleReducerError, InvalidInputError, TokredError
 
 __all__ = ["register"]
 
@@ -90,7 +94,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, backends: Sequence[str
     weights.add_argument(
         "--random-weights",
         action="store_true",
-        help="run with random weights (for models without a checkpoint or bundled weights; answers are meaningless)",
+        help="run with random weights, drawn from a fixed seed (for models without a checkpoint or bundled weights; "
+        "answers are meaningless)",
     )
     parser.add_argument(
         "--checkpoint-key",
@@ -145,7 +150,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             f"model {spec.name!r} has no bundled weights: give --checkpoint FILE (an official .pth file), or "
             "--random-weights to run it untrained"
         )
-    model = create_model(spec.name, **weights, **overrides).to(args.device).eval()
+    if weights:
+        model = create_model(spec.name, **weights, **overrides)
+    else:  # random weights from a fixed seed: the same in every run and in every process of a torchrun launch
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_model(spec.name, **overrides)
+    model = model.to(args.device).eval()
     handle = None
     reducer_given = args.reducer is not None and args.reducer.lower() != "none"
     if reducer_given:
@@ -249,39 +262,73 @@ def _check_classes(model: Any, classes: Sequence[str]) -> str | None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    from tokred.mamba import distributed
 
+    info = distributed.from_environment()  # a single process unless torchrun started several
+    args.device = distributed.local_device(args.device, info)
+    with distributed.process_group(info, args.device), warnings.catch_warnings():
+        if not info.is_main:
+            warnings.simplefilter("ignore")  # rank 0 shows each warning once
+        return _evaluate(args, info)
+
+
+def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from tokred.mamba import ImageFolder
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise InvalidInputError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     model, handle = _load(args)
     dataset = ImageFolder(args.data, img_size=model.img_size, config=model.preprocess_config)
+    return model, handle, dataset
+
+
+def _evaluate(args: argparse.Namespace, info: Any) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from tokred.mamba import distributed
+
+    error: TokredError | OSError | None = None
+    try:
+        model, handle, dataset = _prepare_eval(args)
+    except (TokredError, OSError) as exc:
+        error = exc
+    failure = distributed.first_failure(error, info)  # the same mistake on every process is reported once
+    if failure is not None:
+        if error is not None and (info.is_main or getattr(args, "debug", False)):
+            raise error
+        if info.is_main:
+            raise InvalidInputError(f"process {failure[0]} of {info.world_size}: {failure[1]}")
+        return 2  # rank 0 reports it
     warning = _check_classes(model, dataset.classes)
-    if warning is not None:
+    if warning is not None and info.is_main:
         print(f"tokred mamba eval: WARNING: {warning}", file=sys.stderr)
     names = getattr(model, "class_names", None)
     # With named classes, a folder's label is the model's index of its name; else the sorted order.
     label_of = [names.index(c) if names and c in names else i for i, c in enumerate(dataset.classes)]
     total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    top1 = top5 = 0
-    predictions: list[tuple[str, str, int, list[int]]] = []
+    mine = distributed.shard(total, info.rank, info.world_size)  # every world_size-th image from this rank
+    rows: list[tuple[str, str, int, list[int]]] = []
     start = time.perf_counter()
-    with tqdm(total=total, desc="tokred mamba eval", unit="img", disable=args.no_progress) as bar:
-        for index in range(0, total, args.batch_size):
-            batch = [dataset[i] for i in range(index, min(index + args.batch_size, total))]
+    # Rank 0's bar counts every process's images, taking the others to keep its pace.
+    with tqdm(total=total, desc="tokred mamba eval", unit="img", disable=args.no_progress or not info.is_main) as bar:
+        for begin in range(0, len(mine), args.batch_size):
+            indices = mine[begin : begin + args.batch_size]
+            batch = [dataset[i] for i in indices]
             images = torch.stack([image for image, _ in batch]).to(args.device)
-            labels = torch.tensor([label_of[label] for _, label in batch])
             with torch.inference_mode():
                 best = model(images).topk(min(5, model.num_classes), dim=-1).indices.cpu()
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels.unsqueeze(1)).any(dim=1).sum())
-            for offset, (_, label) in enumerate(batch):
-                path, _ = dataset.samples[index + offset]
-                predictions.append((str(path), dataset.classes[label], label_of[label], best[offset].tolist()))
-            bar.update(len(batch))
+            for i, (_, label), top in zip(indices, batch, best.tolist(), strict=True):
+                path, _ = dataset.samples[i]
+                rows.append((str(path), dataset.classes[label], label_of[label], top))
+            bar.update(min(total, len(rows) * info.world_size) - bar.n)
+    parts = distributed.gather_to_main(rows, info)
     elapsed = time.perf_counter() - start
+    if parts is None:  # not rank 0: its predictions are in rank 0's outputs
+        return 0
+    predictions = distributed.unshard(parts, total)
+    top1 = sum(top[0] == label for _, _, label, top in predictions)
+    top5 = sum(label in top for _, _, label, top in predictions)
     results = {
         "model": model.model_name,
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
@@ -295,12 +342,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         "gflops": _gflops(model),
         "images_per_second": total / elapsed if elapsed > 0 else None,
         "device": str(args.device),
+        "processes": info.world_size,
         "warning": warning,
     }
     print(f"model {model.model_name}: {_describe(model)}")
     print(f"images: {total} evaluated, {dataset.skipped} skipped (not readable images)")
     print(f"top-1: {100 * results['top1']:.2f}%  top-5: {100 * results['top5']:.2f}%")
-    print(f"throughput: {results['images_per_second']:.1f} images/s on {args.device}")
+    processes = f" ({info.world_size} processes)" if info.distributed else ""
+    print(f"throughput: {results['images_per_second']:.1f} images/s on {args.device}{processes}")
     if args.out is not None:
         _write_eval(args.out, results, predictions, names)
         print(f"results: {(args.out / 'results.json').resolve()}")
