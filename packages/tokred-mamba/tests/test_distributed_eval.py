@@ -8,7 +8,6 @@ import subprocess
 import sys
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -122,14 +121,15 @@ def test_a_single_process_needs_no_process_group():
 def image_folder(tmp_path_factory):
     """Three classes, 11 noise and pattern images of different sizes (an odd count), and a file that is not one."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
     for label, count in enumerate([4, 4, 3]):
         folder = root / f"class_{label}"
         folder.mkdir()
         for i in range(count):
-            noise = rng.integers(0, 256, size=(60 + 7 * i, 72, 3), dtype=np.uint8)
+            noise = torch.randint(0, 256, (60 + 7 * i, 72, 3), generator=generator, dtype=torch.uint8)
             noise[:, :, label] //= 3  # a faint class colour cast
-            Image.fromarray(noise).save(folder / f"img_{i}.png")
+            height, width, _ = noise.shape
+            Image.frombytes("RGB", (width, height), bytes(noise.flatten().tolist())).save(folder / f"img_{i}.png")
     (root / "class_1" / "notes.txt").write_text("not an image")
     return root
 
