@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tokred.vlm.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Image, Video
+from tokred.vlm.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Image, Video, tiny_model, tiny_processor
 
 
 def item_groups(family: str, model, item, *, multi_image: bool = False) -> list[int]:
@@ -338,3 +338,19 @@ def reference():
 def hand_groups():
     """The reference's hand-written group labels of one image or video (see item_groups)."""
     return item_groups
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A folder per family holding the tiny model and its processor, as `save_pretrained` writes them."""
+    folders = {}
+
+    def get(family):
+        if family not in folders:
+            folder = tmp_path_factory.mktemp(family)
+            tiny_model(family).save_pretrained(folder)
+            tiny_processor(family).save_pretrained(folder)
+            folders[family] = folder
+        return folders[family]
+
+    return get

@@ -4,7 +4,8 @@ r"""``tokred vlm …``: run a transformers vision-language model on images, dens
 a local folder written by ``save_pretrained`` or a Hugging Face Hub id — with ``AutoProcessor`` and
 ``AutoModelForImageTextToText``, builds the prompt with the processor's chat template, attaches a reducer with
 [`tokred.vlm.attach`][tokred.vlm.attach] and prints the answer with the reduction's statistics; with ``--compare``
-it also runs the dense model on the same inputs. ``tokred vlm models`` lists the supported model families and the
+it also runs the dense model on the same inputs. ``tokred vlm eval`` scores a checkpoint on lmms-eval tasks
+([`tokred.vlm.eval`][tokred.vlm.eval]). ``tokred vlm models`` lists the supported model families and the
 named checkpoints.
 
 A few commands:
@@ -16,6 +17,7 @@ tokred vlm generate --model Qwen/Qwen2-VL-2B-Instruct --prompt "Compare." --comp
 tokred vlm generate --model llava_scenes --prompt "what color is the striped object?" --num-keep 28 scene.png
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --num-keep 96 --layers 16:32 cat.png
 tokred vlm generate --model llava-hf/llava-1.5-7b-hf --prompt "Describe." --average 64 cat.png  # the same
+tokred vlm eval --model llava-hf/llava-1.5-7b-hf --tasks gqa,pope --average 64 --compare --out results/
 ```
 
 Without torchvision, transformers cannot build the video processor of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision or
@@ -34,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from tokred.core.cli.main import set_command
-from tokred.core.cli.options import add_device_argument, add_reducer_arguments, fraction, positive_int
+from tokred.core.cli.options import add_device_argument, add_reducer_arguments, fraction, name_list, positive_int
 from tokred.core.cli.tables import format_table
-from tokred.core.errors import IncompatibleReducerError, InvalidInputError, MissingFileError, TokredError
+from tokred.core.errors import InvalidInputError, MissingFileError, TokredError
 
 __all__ = ["register"]
 
@@ -94,7 +96,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--attn-implementation", default=None, choices=_ATTENTION, help="attention kernel (default: the model's)"
     )
-    group = generate.add_argument_group("token reduction")
+    _add_reduction_arguments(generate)
+    generate.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the dense model and print both answers and timings (after one untimed warm-up step)",
+    )
+    set_command(generate, _run_generate)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a model with a reducer on lmms-eval tasks (needs the eval extra)",
+        description="Run lmms-eval's evaluator on a checkpoint with a reducer attached (and, with --compare, "
+        "without) and write results.json, summary.md and the logged samples. Under torchrun or accelerate "
+        "launch, every process evaluates its share of the documents and rank 0 writes.",
+    )
+    evaluate.add_argument(
+        "--model", required=True, metavar="MODEL", help="named checkpoint (see `tokred vlm models`), folder or Hub id"
+    )
+    evaluate.add_argument(
+        "--tasks", required=True, type=name_list, metavar="TASK[,TASK]", help="lmms-eval tasks, e.g. gqa,pope"
+    )
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="at most N documents per task")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the files go (created)")
+    evaluate.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of more task YAML files; repeatable (tasks that packages ship, such as tokred_scenes, "
+        "are found without it)",
+    )
+    evaluate.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:1 (default: each process's accelerate device: its GPU, else the CPU)",
+    )
+    evaluate.add_argument("--dtype", default="auto", choices=_DTYPES, help="parameter dtype (default: auto)")
+    evaluate.add_argument(
+        "--attn-implementation", default=None, choices=_ATTENTION, help="attention kernel (default: the model's)"
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    _add_reduction_arguments(evaluate)
+    evaluate.add_argument(
+        "--compare",
+        action="store_true",
+        help="also evaluate the dense model and report the fraction of each metric the reducer keeps",
+    )
+    set_command(evaluate, _run_eval)
+
+
+def _add_reduction_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reducer, its budget, the inner stages, ``--space`` and ``--positions`` of ``generate`` and ``eval``."""
+    group = parser.add_argument_group("token reduction")
     add_reducer_arguments(group, default="apet")
     budget = group.add_mutually_exclusive_group()
     budget.add_argument(
@@ -126,12 +181,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["original", "compact"],
         help="positions of the kept tokens (default: the family's)",
     )
-    group.add_argument(
-        "--compare",
-        action="store_true",
-        help="also run the dense model and print both answers and timings (after one untimed warm-up step)",
-    )
-    set_command(generate, _run_generate)
 
 
 # -- tokred vlm models -----------------------------------------------------------------------------------------
@@ -228,83 +277,50 @@ def _load_images(paths: Sequence[str]) -> list[Any]:
 
 def _average(text: str) -> int | float:
     """``--average``: a number of tokens (an integer >= 2) or a fraction in (0, 2/3]."""
+    from tokred.vlm.options import parse_average
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of tokens such as 64, or a fraction; got {text!r}"
-        ) from None
-    if value.is_integer() and value >= 2:
-        return int(value)
-    if 0 < value <= 2 / 3:
-        return value
-    raise argparse.ArgumentTypeError(
-        f"expected a number of tokens of at least 2 (such as 64) or a fraction up to 2/3 (such as 0.2); got {text!r}"
-    )
+        return parse_average(text)
+    except InvalidInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _stages(text: str) -> list[tuple[int, int | float]]:
+def _stages(text: str) -> tuple[tuple[int, int | float], ...]:
     """``--layers``: comma-separated ``L:K`` with ``L`` a decoder layer and ``K`` tokens or a fraction."""
-    stages = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        layer, _, budget = part.partition(":")
-        try:
-            value = positive_int(layer)
-            amount: int | float = positive_int(budget) if budget.strip().isdigit() else fraction(budget)
-        except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(
-                f"expected LAYER:TOKENS such as 16:32 (or 16:0.33 for a fraction of what is left); got {part!r}"
-            ) from None
-        stages.append((value, amount))
-    if not stages:
-        raise argparse.ArgumentTypeError(f"expected LAYER:TOKENS such as 16:32; got {text!r}")
-    return stages
+    from tokred.vlm.options import parse_layers
+
+    try:
+        return parse_layers(text)
+    except InvalidInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _options(args: argparse.Namespace) -> Any:
+    """The reduction the arguments ask for, as [`ReductionOptions`][tokred.vlm.options.ReductionOptions]."""
+    from tokred.vlm.options import ReductionOptions
+
+    return ReductionOptions(
+        reducer=args.reducer,
+        num_keep=args.num_keep,
+        keep_ratio=args.keep_ratio,
+        average=args.average,
+        layers=tuple(args.layers or ()),
+        reducer_args=dict(args.reducer_arg),
+        seed=args.seed,
+        space=args.space,
+        positions=args.positions,
+    )
 
 
 def _build_schedule(args: argparse.Namespace) -> Callable[[Any], dict[str, Any]] | None:
     """What the arguments ask for, as a function of the loaded model giving ``attach``'s keyword arguments.
 
-    None for a dense run. Every argument error is raised here, before anything is loaded; ``--average`` needs the
-    model's depth, so its schedule is made from the model.
+    None for a dense run. Every argument error is raised here, before anything is loaded.
     """
-    dense = args.reducer is None or args.reducer.lower() == "none"
-    budget = {"num_keep": args.num_keep} if args.num_keep is not None else {}
-    if args.keep_ratio is not None:
-        budget = {"keep_ratio": args.keep_ratio}
-    extra = dict(args.reducer_arg)
-    if dense:
-        if budget or extra or args.compare or args.average is not None or args.layers:
-            raise InvalidInputError(
-                "--num-keep / --keep-ratio / --average / --layers / --reducer-arg / --compare need a reducer "
-                "(not --reducer none)"
-            )
-        return None
-    if args.average is not None and args.layers:
-        raise InvalidInputError("--average sets the inner stage itself; give either --average or --layers")
-    if not budget and args.average is None:
-        raise InvalidInputError(
-            f"--reducer {args.reducer} needs --num-keep, --keep-ratio or --average (or --reducer none for a dense run)"
-        )
-    clash = sorted({"num_keep", "keep_ratio", "num_remove"} & extra.keys())
-    if clash:
-        raise IncompatibleReducerError(f"give the budget with --num-keep or --keep-ratio, not --reducer-arg {clash[0]}")
-    from tokred.core import create_reducer, get_reducer_class
-    from tokred.vlm.attachment import _check_reducer
-    from tokred.vlm.schedules import paper_schedule
-
-    if get_reducer_class(args.reducer).stochastic and "seed" not in extra:
-        extra["seed"] = args.seed
-    if args.average is not None:
-        create_reducer(args.reducer, num_keep=2, **extra)  # a wrong reducer option fails before loading
-        key = "average" if isinstance(args.average, int) else "average_ratio"
-        return lambda model: paper_schedule(model, reducer=args.reducer, **{key: args.average}, **extra)
-    reducer = create_reducer(args.reducer, **budget, **extra)
-    _check_reducer(reducer)  # before minutes of loading, not after
-    layers = {}
-    for layer, amount in args.layers or ():
-        inner_budget = {"num_keep": amount} if isinstance(amount, int) else {"keep_ratio": amount}
-        layers[layer] = create_reducer(args.reducer, **inner_budget, **extra)
-    return lambda model: {"reducer": reducer, "layers": layers or None}
+    options = _options(args)
+    if options.dense and args.compare:
+        raise InvalidInputError("--compare needs a reducer (not --reducer none)")
+    return options.schedule()
 
 
 # -- prompt and run --------------------------------------------------------------------------------------------
@@ -460,13 +476,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     from tokred.vlm import attach
 
     schedule = build_schedule(model)
-    handle = attach(model, **schedule, space=args.space, positions=args.positions)  # refusals before any run
+    handle = attach(model, **schedule)  # refusals before any run
     handle.detach()  # attached again for the reduced run; the dense one runs on the untouched model
     dense = None
     if args.compare:
         _generate(model, processor, inputs, 1)  # untimed warm-up, so neither timed run pays first-call costs
         dense = _generate(model, processor, inputs, args.max_new_tokens)
-    with attach(model, **schedule, space=args.space, positions=args.positions) as handle:
+    with attach(model, **schedule) as handle:
         reduced = _generate(model, processor, inputs, args.max_new_tokens, handle)
     if reduced.prefill is None:
         raise InvalidInputError("the reducer did not run: the model encoded no visual tokens")
@@ -479,4 +495,30 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(f"--- {label}\n{reduced.text}")
     print(_stats("dense", dense))
     print(_stats(args.reducer, reduced, dense))
+    return 0
+
+
+# -- tokred vlm eval -------------------------------------------------------------------------------------------
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from tokred.vlm.eval.run import evaluate
+
+    options = _options(args)
+    if options.dense and args.compare:
+        raise InvalidInputError("--compare needs a reducer (not --reducer none)")
+    options.schedule()  # argument errors first, before lmms-eval is even imported
+    evaluate(
+        args.model,
+        args.tasks,
+        options,
+        out=args.out,
+        limit=args.limit,
+        compare=args.compare,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        include_path=args.include_path,
+        progress=not args.no_progress,
+    )
     return 0

@@ -67,12 +67,16 @@ def images_only(cls: type) -> type:
     return type(cls.__name__, (cls, _NoVideoSlot), namespace)
 
 
-def load_processor(model_id: str, *, warn: Callable[[str], None] | None = None) -> Any:
-    """``AutoProcessor.from_pretrained(model_id)``, falling back to an images-only processor without torchvision.
+def load_processor(model_id: str, *, warn: Callable[[str], None] | None = None, **options: Any) -> Any:
+    """``AutoProcessor.from_pretrained(model_id)``, falling back to an images-only processor.
+
+    The fallback is taken when the processor class has a video processor that cannot be loaded: without
+    torchvision, or for a folder saved by an images-only processor (no video processor config).
 
     Args:
         model_id: A local folder written by ``save_pretrained`` or a Hub model id.
         warn: Called with a one-line note when the images-only fallback is used.
+        **options: Passed to ``from_pretrained`` (``max_pixels=...``).
 
     Returns:
         The processor.
@@ -85,24 +89,21 @@ def load_processor(model_id: str, *, warn: Callable[[str], None] | None = None) 
     from transformers.utils import is_torchvision_available
 
     try:
-        return AutoProcessor.from_pretrained(model_id)
+        return AutoProcessor.from_pretrained(model_id, **options)
     except Exception as exc:
         error = exc
-    if not is_torchvision_available():
+    try:
+        cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(model_id))]
+    except Exception:
+        cls = None
+    if cls is not None and "video_processor" in cls.get_attributes():
         try:
-            cls = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(model_id))]
+            processor = images_only(cls).from_pretrained(model_id, **options)
         except Exception:
-            cls = None
-        if cls is not None and "video_processor" in cls.get_attributes():
-            try:
-                processor = images_only(cls).from_pretrained(model_id)
-            except Exception:
-                processor = None
-            if processor is not None:
-                if warn is not None:
-                    warn(
-                        f"torchvision is not installed; loaded {cls.__name__} without its video processor "
-                        "(images work, videos would not)"
-                    )
-                return processor
+            processor = None
+        if processor is not None:
+            if warn is not None:
+                why = "torchvision is not installed" if not is_torchvision_available() else "it has none"
+                warn(f"{why}; loaded {cls.__name__} without its video processor (images work, videos would not)")
+            return processor
     raise InvalidInputError(f"cannot load the processor of {model_id}: {type(error).__name__}: {error}")

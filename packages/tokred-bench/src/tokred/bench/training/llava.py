@@ -432,7 +432,10 @@ def attention_target(
     * ``position``, with ``position_target="color_words"``: head 0 on the question's first colour word, head 1
       on its second. The colour words can tell first from second, and the keyword loss
       ([`keyword_target`][tokred.bench.training.llava.keyword_target]) teaches each of them to gather its
-      object's patches (their columns included) in the first layer.
+      object's patches (their columns included) in the first layer. Tried on the full recipe: 92.9% held-out,
+      ``position`` 51.6% (still little above chance), but the model came to depend on where the question sits
+      in the sequence: with compact positions, every reducer, random included, fell to about 70% at 33% and
+      11% of the tokens (91% at 22%). The shipped model keeps ``"objects"``.
     * No object holds the answer (a ``no``, a ``0``): all on ``<s>``.
 
     Args:
