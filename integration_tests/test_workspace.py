@@ -37,7 +37,7 @@ def runtime_requirements(dist):
 def test_declared_dependencies_stay_minimal():
     assert runtime_requirements("tokred-core") == {"torch"}
     assert runtime_requirements("tokred-vlm") == {"tokred-core", "torch", "transformers", "pillow"}
-    assert runtime_requirements("tokred-mamba") == {"tokred-core", "torch", "pillow", "tqdm"}
+    assert runtime_requirements("tokred-mamba") == {"tokred-core", "torch", "numpy", "pillow", "tqdm"}
     assert runtime_requirements("tokred-bench") == {
         "tokred-core",
         "tokred-vlm",
