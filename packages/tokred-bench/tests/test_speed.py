@@ -61,3 +61,38 @@ def test_the_speedup_is_the_median_of_paired_ratios(repeats, monkeypatch):
     # The order alternates (dense first, then reduced first, ...), yet each round pairs its own two calls.
     assert (dense_s, reduced_s) == (median(dense), median(reduced))
     assert ratio == pytest.approx(median(d / r for d, r in zip(dense, reduced, strict=True)))
+
+
+def test_random_weights_are_seeded_at_a_real_scale_with_unit_norms_and_zero_biases():
+    from tokred.bench.speed import fill_random_weights
+
+    first = fill_random_weights(tiny_model("llava"), seed=3, std=0.05)
+    again = fill_random_weights(tiny_model("llava"), seed=3, std=0.05)
+    other = fill_random_weights(tiny_model("llava"), seed=4, std=0.05)
+    weights = []
+    for (name, parameter), (_, twin), (_, different) in zip(
+        first.named_parameters(), again.named_parameters(), other.named_parameters(), strict=True
+    ):
+        assert torch.equal(parameter, twin), name
+        if name.endswith("bias"):
+            assert not parameter.any(), name
+        elif "norm" in name.split(".")[-2]:
+            assert (parameter == 1).all(), name
+        else:
+            assert not torch.equal(parameter, different), name
+            if parameter.numel() >= 1000:
+                assert parameter.std().item() == pytest.approx(0.05, rel=0.1), name
+            weights.append(parameter.detach().flatten()[:64])
+    # Each weight starts at its own offset of the pool, so no two are the same values.
+    assert len({tuple(w.tolist()) for w in weights}) == len(weights)
+
+
+def test_a_weight_longer_than_the_pool_repeats_it():
+    from tokred.bench import speed
+
+    layer = torch.nn.Linear(speed._POOL // 1000 + 1, 1000, bias=False)
+    speed.fill_random_weights(layer, seed=0)
+    flat = layer.weight.detach().flatten()
+    assert flat.numel() > speed._POOL
+    assert torch.equal(flat[speed._POOL :], flat[: flat.numel() - speed._POOL])
+    assert torch.isfinite(flat).all() and flat[: speed._POOL].unique().numel() > speed._POOL * 0.99

@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "IMAGE_TOKEN",
     "SpeedResult",
+    "fill_random_weights",
     "llava_7b_config",
     "llava_7b_shaped",
     "llava_prefill_speedup",
@@ -126,17 +127,58 @@ def llava_7b_config(*, decoder_layers: int = 2, tiny_widths: bool = False) -> An
     )
 
 
+_POOL = 1_000_003  # a prime: consecutive rows of a weight are distinct windows of the pool
+
+
+def fill_random_weights(model: torch.nn.Module, *, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Give every parameter of ``model`` cheap pseudo-random values, in place: speed does not depend on them.
+
+    Drawing 700 M independent normals (LLaVA-1.5-7B's tower and two decoder layers, and transformers' own
+    initialisation does that and more) takes 10-20 s on a small CPU, longer than the timing itself. Here one
+    seeded pool of about a million normals is drawn, and each weight is the pool repeated from an offset of its
+    own; biases are zero and norm weights one, so activations stay at the scale of a real model.
+
+    Args:
+        model: The module to fill.
+        seed: Seed of the pool and the offsets.
+        std: Standard deviation of the weights.
+
+    Returns:
+        ``model``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(_POOL, generator=generator) * std
+    offsets = torch.randint(0, _POOL, (len(list(model.parameters())),), generator=generator).tolist()
+    with torch.no_grad():
+        for (name, parameter), offset in zip(model.named_parameters(), offsets, strict=True):
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif "norm" in name.rpartition(".")[0].rpartition(".")[2]:  # layer_norm1, pre_layrnorm, norm
+                parameter.fill_(1.0)
+            else:
+                values = torch.roll(pool, offset).to(parameter.dtype)
+                flat = parameter.view(-1)
+                for start in range(0, flat.numel(), _POOL):
+                    chunk = flat[start : start + _POOL]
+                    chunk.copy_(values[: chunk.numel()])
+    return model
+
+
 def llava_7b_shaped(*, decoder_layers: int = 2, seed: int = 0) -> Any:
     """A ``LlavaForConditionalGeneration`` of [`llava_7b_config`][tokred.bench.speed.llava_7b_config] with random
-    weights, in eval mode (fp32, ``sdpa``).
+    weights ([`fill_random_weights`][tokred.bench.speed.fill_random_weights]), in eval mode (fp32, ``sdpa``).
     """  # noqa: D205
     from transformers import LlavaForConditionalGeneration
 
+    try:  # skip transformers' initialisation, which fill_random_weights overwrites anyway
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers 5 releases
+        from contextlib import nullcontext as no_init_weights
+
     config = llava_7b_config(decoder_layers=decoder_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    return model.eval()
+    return fill_random_weights(model, seed=seed).eval()
 
 
 def llava_prefill_speedup(

@@ -317,7 +317,8 @@ class MambaSuite(ReferenceSuite):
         if getattr(args, "speed", False):
             from tokred.bench.speed import vim_forward_speedup
 
-            notes.append(vim_forward_speedup(flops_cut=cut).line())
+            # One timed pair after the warm-up: the demo has about a minute and a half in all.
+            notes.append(vim_forward_speedup(flops_cut=cut, repeats=1).line())
 
         rows, records = [], []
         for row, scene in enumerate(scenes.scenes):

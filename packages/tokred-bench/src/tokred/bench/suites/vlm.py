@@ -419,7 +419,8 @@ class VLMSuite(ReferenceSuite):
         if getattr(args, "speed", False):
             from tokred.bench.speed import llava_prefill_speedup
 
-            notes.append(llava_prefill_speedup(keep=64).line())
+            # One timed pair: each prefill takes seconds, and the whole demo has about a minute and a half.
+            notes.append(llava_prefill_speedup(keep=64, repeats=1).line())
         title = f"{self.title}: dense vs {', '.join(methods)} at {keep} of {total} visual tokens"
         return DemoReport(title=title, rows=rows, images=images, notes=notes, records=records)
 
