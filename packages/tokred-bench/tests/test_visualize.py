@@ -235,6 +235,21 @@ def test_a_footer_goes_once_under_the_grid_at_the_left():
         tile_pictures([a], columns=1, footer=torch.zeros(2, 2, 3))
 
 
+def test_a_title_goes_once_above_the_grid_and_is_cut_to_its_width():
+    a = Image.new("RGB", (60, 40), (10, 10, 10))
+    grid = tile_pictures([a, a], columns=2, padding=4, background=(255, 255, 255))
+    titled = tile_pictures([a, a], columns=2, padding=4, background=(255, 255, 255), title="dense vs apet")
+    top = titled.height - grid.height
+    assert titled.width == grid.width and top > 8
+    pixels = _pixels(titled)
+    assert (pixels[top:] == _pixels(grid)).all(), "the grid moves down by the title's line, unchanged"
+    ink = (pixels[:top] < 128).all(-1)
+    assert ink.any(), "the title is written"
+    long = tile_pictures([a], columns=1, padding=4, title="a title far too long for one small picture " * 4)
+    long_ink = (_pixels(long)[: long.height - 48] < 128).all(-1)
+    assert long.width == 4 + 60 + 4 and not long_ink[:, -4:].any(), "cut to the figure, margin kept"
+
+
 def test_the_legend_alone_is_the_key_drawn_under_a_single_drawing():
     image, reduction = torch.rand(3, 16, 16), _plan(*PLAN)
     key = draw_legend(padding=0)

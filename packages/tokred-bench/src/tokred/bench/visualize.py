@@ -464,6 +464,7 @@ def tile_pictures(
     padding: int = 8,
     background: tuple[int, int, int] = (255, 255, 255),
     footer: Image.Image | None = None,
+    title: str | None = None,
 ) -> Image.Image:
     """Lay pictures out on a grid, row by row, each in the top-left corner of a cell of the largest size.
 
@@ -474,10 +475,12 @@ def tile_pictures(
         background: RGB colour of the padding and of the unused part of each cell.
         footer: A picture placed once under the grid, at the left, such as
             [`draw_legend`][tokred.bench.visualize.draw_legend].
+        title: A line written once above the grid (what the whole figure shows), cut to the figure's width.
 
     Returns:
         An ``"RGB"`` image of size ``(padding + columns * (cell_w + padding), padding + rows * (cell_h + padding))``,
-        widened to the footer if it is wider and made ``footer.height + padding`` taller by it.
+        widened to the footer if it is wider and made ``footer.height + padding`` taller by it, and taller by
+        the title's line when there is one.
 
     Raises:
         InvalidInputError: If there is no picture, ``columns < 1`` or ``padding < 0``.
@@ -499,10 +502,20 @@ def tile_pictures(
     width, height = padding + columns * (cell_w + padding), padding + rows * (cell_h + padding)
     if footer is not None:
         width, height = max(width, footer.width + 2 * padding), height + footer.height + padding
+    top = 0
+    if title is not None:
+        title_font = _font(18)
+        title = _fit_text(title_font, title)
+        while title and _text_size(title_font, title)[0] > width - 2 * padding:
+            title = title[:-4] + "..."
+        top = _text_size(title_font, title)[1] + padding
+        height += top
     out = Image.new("RGB", (width, height), tuple(background))
+    if title is not None:
+        ImageDraw.Draw(out).text((padding, padding), title, fill=_INK, font=title_font)
     for i, picture in enumerate(pictures):
         r, c = divmod(i, columns)
-        out.paste(picture.convert("RGB"), (padding + c * (cell_w + padding), padding + r * (cell_h + padding)))
+        out.paste(picture.convert("RGB"), (padding + c * (cell_w + padding), top + padding + r * (cell_h + padding)))
     if footer is not None:
-        out.paste(footer.convert("RGB"), (padding, padding + rows * (cell_h + padding)))
+        out.paste(footer.convert("RGB"), (padding, top + padding + rows * (cell_h + padding)))
     return out

@@ -308,7 +308,11 @@ class MambaSuite(ReferenceSuite):
                         )
                     )
                 path = out_dir / f"mamba-{name}.png"
-                tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
+                heading = (
+                    f"{self.title}, held-out: {name} at a {cut:.0%} FLOPs cut "
+                    f"({counts[0]} to {counts[-1]} tokens), answers beside the dense model's"
+                )
+                tile_pictures(pictures, columns=3, footer=draw_legend(), title=heading).save(path)
                 images.append(path)
         notes.append(
             "pictures: each scene's patches as its forward left them: kept (white frame), a kept token that "

@@ -395,7 +395,8 @@ class VLMSuite(ReferenceSuite):
                 )
             ]
             path = Path(out_dir) / f"vlm-{method_slug(method)}.png"
-            tile_pictures(pictures, columns=3, footer=draw_legend()).save(path)
+            heading = f"{self.title}, held-out: {method} keeps {keep} of {total} visual tokens, answers beside dense"
+            tile_pictures(pictures, columns=3, footer=draw_legend(), title=heading).save(path)
             images.append(path)
         notes = [
             f"held-out: test questions 0..{count - 1} shown; accuracy on test questions 0..{small - 1}",
