@@ -16,9 +16,11 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import argparse
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from tokred.core.cli.options import open_fraction, positive_int
 from tokred.core.errors import InvalidInputError
 from tokred.vlm.options import ReductionOptions, parse_average, parse_layers
 
@@ -43,22 +45,22 @@ LOADING_KEYS: tuple[str, ...] = ("pretrained", "device", "dtype", "attn_implemen
 _PREFIX = "reducer."
 
 
+def _parsed(key: str, value: Any, parse: Callable[[str], Any], expected: str) -> Any:
+    # The command line's parsers, so that --num-keep 4 and num_keep=4 accept the same values.
+    try:
+        if isinstance(value, bool):
+            raise argparse.ArgumentTypeError(expected)
+        return parse(str(value))
+    except argparse.ArgumentTypeError:
+        raise InvalidInputError(f"model_args {key}={value!r}: expected {expected}") from None
+
+
 def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
-        raise InvalidInputError(f"model_args {key}={value!r}: expected a positive integer")
-    if int(value) < 1:
-        raise InvalidInputError(f"model_args {key}={value!r}: expected a positive integer")
-    return int(value)
+    return _parsed(key, value, positive_int, "a positive integer")
 
 
 def _ratio(key: str, value: Any) -> float:
-    try:
-        ratio = float(value)
-    except (TypeError, ValueError):
-        ratio = -1.0
-    if isinstance(value, bool) or not 0 < ratio < 1:
-        raise InvalidInputError(f"model_args {key}={value!r}: expected a fraction between 0 and 1, such as 0.25")
-    return ratio
+    return _parsed(key, value, open_fraction, "a fraction between 0 and 1, such as 0.25")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
