@@ -263,6 +263,18 @@ def test_option_mistakes_are_one_line(extra, message, checkpoint, task_dir, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_misspelt_shipped_task_is_suggested(checkpoint, task_dir, tmp_path, capsys, monkeypatch):
+    from tokred.vlm.eval import tasks
+
+    monkeypatch.setattr(tasks, "shipped_tasks", lambda: ["tiny_shipped_scenes"])
+    argv = eval_argv(
+        checkpoint("llava"), task_dir, tmp_path / "out", "--num-keep", "4", "--tasks", "tiny_shipped_scenez"
+    )
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "tokred vlm eval: unknown task 'tiny_shipped_scenez'; did you mean tiny_shipped_scenes?", err
+
+
 def test_other_mistakes_are_one_line(checkpoint, task_dir, tmp_path, capsys):
     folder = checkpoint("llava")
     cases = [

@@ -168,7 +168,10 @@ def _task_manager(tasks: Sequence[str], folders: Sequence[Path]) -> Any:
         manager = TaskManager("WARNING", include_path=include)  # lmms-eval's own tasks too (a few seconds)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        hints = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        from tokred.vlm.eval.tasks import shipped_tasks
+
+        # The shipped tasks are in the manager only when asked for by name: offer them as well.
+        hints = difflib.get_close_matches(unknown[0], [*shipped_tasks(), *manager.all_tasks], n=3)
         hint = f"; did you mean {', '.join(hints)}?" if hints else " (lmms-eval's tasks, those of --include-path)"
         raise UnknownNameError(f"unknown task {unknown[0]!r}{hint}")
     return manager
